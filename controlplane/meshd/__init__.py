@@ -1,0 +1,3 @@
+"""meshd, libmesh's control plane, and meshctl, its command-line tool."""
+
+__all__: list[str] = []

@@ -1,0 +1,148 @@
+"""Reading YAML files and directories into a :class:`ConfigSet`, with every finding kept."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._decode import decode_document
+from ._findings import Codes, Finding
+from ._resource import Resource, ResourceRef
+from ._source import Location
+from ._validate import validate_resource
+from ._yaml import YAMLSyntaxError, parse_documents
+
+__all__ = ["ConfigSet", "LoadResult", "load", "load_text"]
+
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True)
+class ConfigSet:
+    """The valid resources of a load, in the order they were read."""
+
+    resources: tuple[Resource[Any], ...] = ()
+
+    def of_kind(self, kind: str) -> tuple[Resource[Any], ...]:
+        return tuple(r for r in self.resources if r.kind == kind)
+
+    def get(self, ref: ResourceRef) -> Resource[Any] | None:
+        return next((r for r in self.resources if r.ref == ref), None)
+
+    def __len__(self) -> int:
+        return len(self.resources)
+
+    def __iter__(self) -> Iterator[Resource[Any]]:
+        return iter(self.resources)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load produced: the resources that passed, and every finding on the way.
+
+    ``config`` holds only resources without errors; ``rejected`` the ones with errors (still
+    typed, so analyzers and tools can look at them).
+    """
+
+    config: ConfigSet
+    findings: tuple[Finding, ...]
+    rejected: tuple[Resource[Any], ...] = ()
+    files: tuple[str, ...] = field(default=())
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.is_error)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def iter_yaml_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files named by ``paths``: files as given, directories walked in sorted order."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if name.endswith(YAML_SUFFIXES) and not name.startswith("."):
+                        yield Path(root) / name
+        else:
+            yield path
+
+
+def load(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> LoadResult:
+    """Load YAML files and directories (recursively) of Istio resources."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    sources: list[tuple[str, str | None, Finding | None]] = []
+    for path in iter_yaml_files(paths):
+        name = str(path)
+        try:
+            sources.append((name, path.read_text(encoding="utf-8"), None))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            finding = Finding(
+                Codes.UNREADABLE_FILE, f"cannot read this file: {reason}", Location(name)
+            )
+            sources.append((name, None, finding))
+    return _load_sources(sources)
+
+
+def load_text(text: str, file: str = "<string>") -> LoadResult:
+    """Load resources from YAML text; ``file`` names it in findings."""
+    return _load_sources([(file, text, None)])
+
+
+def _load_sources(sources: Sequence[tuple[str, str | None, Finding | None]]) -> LoadResult:
+    findings: list[Finding] = []
+    accepted: list[Resource[Any]] = []
+    rejected: list[Resource[Any]] = []
+    first_seen: dict[ResourceRef, Resource[Any]] = {}
+    for file, text, problem in sources:
+        if problem is not None:
+            findings.append(problem)
+            continue
+        assert text is not None
+        for doc in parse_documents(text, file):
+            if isinstance(doc, YAMLSyntaxError):
+                findings.append(
+                    Finding(Codes.INVALID_YAML, doc.message, doc.location, document=doc.index)
+                )
+                continue
+            resource, doc_findings = decode_document(doc, file)
+            if resource is not None:
+                doc_findings.extend(validate_resource(resource, doc_findings))
+            findings.extend(doc_findings)
+            if resource is None:
+                continue
+            if any(f.is_error for f in doc_findings):
+                rejected.append(resource)
+                continue
+            earlier = first_seen.get(resource.ref)
+            if earlier is not None:
+                findings.append(
+                    Finding(
+                        Codes.DUPLICATE_RESOURCE,
+                        f"{resource.ref} is already defined at {earlier.location}; "
+                        "rename one of them or delete the copy",
+                        resource.location,
+                        resource=resource.ref,
+                        path="metadata.name",
+                        related=(earlier.ref,),
+                    )
+                )
+                rejected.append(resource)
+                continue
+            first_seen[resource.ref] = resource
+            accepted.append(resource)
+    return LoadResult(
+        config=ConfigSet(tuple(accepted)),
+        findings=tuple(findings),
+        rejected=tuple(rejected),
+        files=tuple(file for file, _, _ in sources),
+    )

@@ -1,0 +1,92 @@
+"""YAML documents as node trees that remember their lines.
+
+PyYAML's composer keeps a mark on every node; libmesh decodes from those nodes instead of from
+plain dicts, so every value it reports on can name its file and line. Scalars resolve as
+Kubernetes resolves them, except that timestamps stay strings (Kubernetes reads them as
+strings too, and a label such as ``date: 2024-01-01`` must not become a date).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+from ._source import Location
+
+__all__ = ["Document", "YAMLSyntaxError", "construct", "location_of", "parse_documents"]
+
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    node: yaml.Node
+    index: int  # 1-based position in its file
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class YAMLSyntaxError:
+    message: str
+    location: Location
+    index: int  # the document that could not be read
+
+
+def location_of(node: yaml.Node, file: str) -> Location:
+    mark = node.start_mark
+    return Location(file, mark.line + 1, mark.column + 1)
+
+
+def parse_documents(text: str, file: str) -> Iterator[Document | YAMLSyntaxError]:
+    """Yield each document of a YAML stream; a syntax error ends the stream with its place."""
+    loader = _Loader(text)
+    index = 0
+    try:
+        while loader.check_node():
+            index += 1
+            node = loader.get_node()
+            if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+                continue  # an empty document, as between two '---' lines
+            yield Document(node, index, location_of(node, file))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+        problem = exc.problem or str(exc)
+        if exc.context:
+            problem = f"{problem} ({exc.context})"
+        yield YAMLSyntaxError(f"this is not valid YAML: {problem}", where, index + 1)
+    except yaml.YAMLError as exc:  # e.g. a character YAML does not allow, with no mark
+        yield YAMLSyntaxError(f"this is not valid YAML: {exc}", Location(file), index + 1)
+    finally:
+        loader.dispose()
+
+
+class _Constructor(SafeConstructor):
+    pass
+
+
+_Constructor.yaml_constructors = dict(SafeConstructor.yaml_constructors)
+
+
+def construct(node: yaml.Node) -> Any:
+    """The plain Python value of a node (scalars, and whole subtrees for free-form fields)."""
+    return _Constructor().construct_object(node, deep=True)
+
+
+def flatten_merge_keys(node: yaml.MappingNode) -> None:
+    """Apply YAML merge keys (``<<: *anchor``) in place, as PyYAML's own loader would."""
+    _Constructor().flatten_mapping(node)
