@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from libmesh import __version__
-from libmesh.config import Finding, LoadResult, Severity, analyze, load
+from libmesh import ConfigError, __version__
+from libmesh.config import Finding, LoadResult, Severity, analyze, load, load_mesh_settings
 
 __all__ = ["main"]
 
@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         default="error",
         help="the lowest severity that makes the exit code non-zero (default: error)",
     )
+    analyze_cmd.add_argument(
+        "--mesh-config",
+        metavar="FILE",
+        help="an Istio MeshConfig YAML file (rootNamespace, DNS auto-allocation)",
+    )
     analyze_cmd.set_defaults(run=_analyze)
     return parser
 
@@ -113,8 +118,13 @@ def _validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _analyze(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if _missing_paths(args.paths, err):
         return EXIT_USAGE
+    try:
+        mesh = load_mesh_settings(args.mesh_config) if args.mesh_config else None
+    except ConfigError as exc:
+        err.write(f"meshctl: {exc}\n")
+        return EXIT_USAGE
     result = load(args.paths)
-    findings = sorted([*result.findings, *analyze(result)], key=_order)
+    findings = sorted([*result.findings, *analyze(result, mesh=mesh)], key=_order)
     _report(findings, result, args.output, out, err, with_code=True)
     threshold = Severity[args.failure_threshold.upper()]
     return EXIT_FINDINGS if any(f.level >= threshold for f in findings) else EXIT_OK

@@ -120,6 +120,7 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
         return None, report.findings
     kind = KINDS.get(kind_name)
     if kind is None or kind.group != api_version.rpartition("/")[0]:
+        report.resource = _raw_ref(kind_name, entries.get("metadata"))
         report.add(
             Codes.UNSUPPORTED_KIND,
             here,
@@ -171,6 +172,15 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
 
 
 # -- internals -----------------------------------------------------------------------------------
+
+
+def _raw_ref(kind: str, metadata: tuple[yaml.Node, yaml.Node] | None) -> ResourceRef:
+    """A best-effort name for a document that is not decoded (another kind)."""
+    raw = construct(metadata[1]) if metadata is not None else None
+    raw = raw if isinstance(raw, dict) else {}
+    return ResourceRef(
+        kind, str(raw.get("namespace") or "default"), str(raw.get("name") or "<unnamed>")
+    )
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -10,6 +10,12 @@ from typing import Any
 
 from ._decode import decode_document
 from ._findings import Codes, Finding
+from ._kubernetes import (
+    KubernetesService,
+    decode_kubernetes_service,
+    document_kind,
+    is_kubernetes_service,
+)
 from ._resource import Resource, ResourceRef
 from ._source import Location
 from ._validate import validate_resource
@@ -51,6 +57,7 @@ class LoadResult:
     findings: tuple[Finding, ...]
     rejected: tuple[Resource[Any], ...] = ()
     files: tuple[str, ...] = field(default=())
+    services: tuple[KubernetesService, ...] = ()
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -102,6 +109,7 @@ def _load_sources(sources: Sequence[tuple[str, str | None, Finding | None]]) -> 
     findings: list[Finding] = []
     accepted: list[Resource[Any]] = []
     rejected: list[Resource[Any]] = []
+    services: list[KubernetesService] = []
     first_seen: dict[ResourceRef, Resource[Any]] = {}
     for file, text, problem in sources:
         if problem is not None:
@@ -113,6 +121,12 @@ def _load_sources(sources: Sequence[tuple[str, str | None, Finding | None]]) -> 
                 findings.append(
                     Finding(Codes.INVALID_YAML, doc.message, doc.location, document=doc.index)
                 )
+                continue
+            if is_kubernetes_service(*document_kind(doc.node)):
+                service, service_findings = decode_kubernetes_service(doc)
+                findings.extend(service_findings)
+                if service is not None:
+                    services.append(service)
                 continue
             resource, doc_findings = decode_document(doc, file)
             if resource is not None:
@@ -145,4 +159,5 @@ def _load_sources(sources: Sequence[tuple[str, str | None, Finding | None]]) -> 
         findings=tuple(findings),
         rejected=tuple(rejected),
         files=tuple(file for file, _, _ in sources),
+        services=tuple(services),
     )

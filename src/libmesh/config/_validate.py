@@ -12,7 +12,7 @@ from typing import Any
 
 from ._decode import Report
 from ._findings import Code, Codes, Finding
-from ._resource import Resource
+from ._resource import Resource, ResourceRef
 from ._schema import Message, field_specs
 from ._where import where
 
@@ -42,9 +42,17 @@ class Cursor:
         return path if key is None else f"{path}[{key}]"
 
     def add(
-        self, code: Code, message: str, field: str | None = None, key: int | str | None = None
+        self,
+        code: Code,
+        message: str,
+        field: str | None = None,
+        key: int | str | None = None,
+        *,
+        related: tuple[ResourceRef, ...] = (),
     ) -> None:
-        self.report.add(code, where(self.node, field, key), self.path_of(field, key), message)
+        self.report.add(
+            code, where(self.node, field, key), self.path_of(field, key), message, related=related
+        )
 
     def error(self, message: str, field: str | None = None, key: int | str | None = None) -> None:
         self.add(Codes.SCHEMA_VALIDATION_ERROR, message, field, key)
