@@ -290,9 +290,11 @@ def destination_rule_hosts(ctx: AnalysisContext) -> None:
         cursor = ctx.cursor(resource)
         service = ctx.registry.lookup(rule.host, resource.namespace, rule.export_to)
         if service is None:
+            fqdn = ctx.registry.fqdn(rule.host, resource.namespace)
+            shown = rule.host if fqdn == rule.host else f"{rule.host} ({fqdn})"
             cursor.add(
                 Codes.UNKNOWN_DESTINATION_RULE_HOST,
-                f"host {rule.host} matches no service in the mesh: no ServiceEntry or Service "
+                f"host {shown} matches no service in the mesh: no ServiceEntry or Service "
                 "declares it, so this DestinationRule has no effect",
                 "host",
             )

@@ -54,10 +54,12 @@ def location_of(node: yaml.Node, file: str) -> Location:
 def parse_documents(text: str, file: str) -> Iterator[Document | YAMLSyntaxError]:
     """Yield each document of a YAML stream; a syntax error ends the stream with its place."""
     loader = _Loader(text)
-    index = 0
+    index = 0  # the document being read, 1-based
     try:
-        while loader.check_node():
+        while True:
             index += 1
+            if not loader.check_node():
+                break
             node = loader.get_node()
             if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
                 continue  # an empty document, as between two '---' lines
@@ -68,9 +70,9 @@ def parse_documents(text: str, file: str) -> Iterator[Document | YAMLSyntaxError
         problem = exc.problem or str(exc)
         if exc.context:
             problem = f"{problem} ({exc.context})"
-        yield YAMLSyntaxError(f"this is not valid YAML: {problem}", where, index + 1)
+        yield YAMLSyntaxError(f"this is not valid YAML: {problem}", where, index)
     except yaml.YAMLError as exc:  # e.g. a character YAML does not allow, with no mark
-        yield YAMLSyntaxError(f"this is not valid YAML: {exc}", Location(file), index + 1)
+        yield YAMLSyntaxError(f"this is not valid YAML: {exc}", Location(file), index)
     finally:
         loader.dispose()
 
