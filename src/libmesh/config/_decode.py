@@ -30,6 +30,7 @@ from ._yaml import Document, construct, flatten_merge_keys, location_of
 __all__ = ["Report", "decode_document"]
 
 _MIN_DURATION_NS = 1_000_000  # Istio: every duration it validates must be at least 1ms
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -97,7 +98,10 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
             "a resource must be a mapping with apiVersion, kind, metadata and spec",
         )
         return None, report.findings
-    flatten_merge_keys(node)
+    merge_problem = flatten_merge_keys(node, file)
+    if merge_problem is not None:
+        report.add(Codes.INVALID_YAML, merge_problem.location, "", merge_problem.message)
+        return None, report.findings
     entries = _entries(node, file, "", report)
     api_version = _plain_string(entries.get("apiVersion"))
     kind_name = _plain_string(entries.get("kind"))
@@ -132,7 +136,7 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
     decoder = _Decoder(file, report)
     meta_entry = entries.get("metadata")
     metadata = (
-        decoder.message(meta_entry[1], ObjectMeta, "metadata")
+        decoder.message(meta_entry[1], ObjectMeta, "metadata", location_of(meta_entry[0], file))
         if meta_entry is not None and not _is_null(meta_entry[1])
         else ObjectMeta()
     )
@@ -157,7 +161,7 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
         spec = zero_of(TypeSpec(Shape.MESSAGE, kind.spec))
         spec = _with_location(spec, here, FrozenMap())
     else:
-        spec = decoder.message(spec_entry[1], kind.spec, "spec")
+        spec = decoder.message(spec_entry[1], kind.spec, "spec", location_of(spec_entry[0], file))
     status_entry = entries.get("status")
     status = _freeze(construct(status_entry[1])) if status_entry else None
     resource: Resource[Any] = Resource(
@@ -195,9 +199,13 @@ def _plain_string(entry: tuple[yaml.Node, yaml.Node] | None) -> str:
 
 
 def _entries(
-    node: yaml.MappingNode, file: str, path: str, report: Report
+    node: yaml.MappingNode, file: str, path: str, report: Report, *, map_keys: bool = False
 ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """The mapping's entries by key, with duplicate and non-scalar keys reported."""
+    """The mapping's entries by key, with duplicate and non-scalar keys reported.
+
+    ``map_keys``: the mapping is a map field (labels, headers), whose entries are written
+    ``path[key]`` in findings; otherwise it is a message, whose fields are ``path.field``.
+    """
     entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
@@ -208,7 +216,7 @@ def _entries(
             first = location_of(entries[key][0], file)
             report.error(
                 location_of(key_node, file),
-                _join(path, key),
+                f"{path}[{key}]" if map_keys else _join(path, key),
                 f"{key!r} is given twice (first on line {first.line}); YAML keeps only the last",
             )
         entries[key] = (key_node, value_node)
@@ -286,13 +294,22 @@ class _Decoder:
     def error(self, node: yaml.Node, path: str, message: str) -> None:
         self.report.error(self.at(node), path, message)
 
+    def merge_keys(self, node: yaml.MappingNode, path: str) -> None:
+        problem = flatten_merge_keys(node, self.file)
+        if problem is not None:
+            self.report.add(Codes.INVALID_YAML, problem.location, path, problem.message)
+
     # messages ------------------------------------------------------------------------------
 
-    def message(self, node: yaml.Node, cls: type[Message], path: str) -> Any:
+    def message(
+        self, node: yaml.Node, cls: type[Message], path: str, at: Location | None = None
+    ) -> Any:
+        """Decode a message; ``at`` is where it was introduced (its key), if not its node."""
+        here = at or self.at(node)
         if not isinstance(node, yaml.MappingNode):
             self.error(node, path, f"expected a mapping of fields, found {_node_type(node)}")
-            return _with_location(zero_of(TypeSpec(Shape.MESSAGE, cls)), self.at(node), FrozenMap())
-        flatten_merge_keys(node)
+            return _with_location(zero_of(TypeSpec(Shape.MESSAGE, cls)), here, FrozenMap())
+        self.merge_keys(node, path)
         by_key = fields_by_key(cls)
         entries = _entries(node, self.file, path, self.report)
         values: dict[str, Any] = {}
@@ -322,11 +339,16 @@ class _Decoder:
                     field_path,
                     f"{key!r} is deprecated; {spec.deprecated}",
                 )
-            values[spec.name] = self.value(value_node, spec, spec.type, field_path, field_at)
+            values[spec.name] = self.value(
+                value_node, spec, spec.type, field_path, field_at, field_at[spec.name]
+            )
         for spec in field_specs(cls):
             if spec.required and spec.name not in values:
                 self.error(node, _join(path, spec.yaml), f"{spec.yaml!r} is required")
-                values[spec.name] = spec.zero()
+                zero = spec.zero()
+                if isinstance(zero, Message):
+                    zero = _with_location(zero, here, FrozenMap())
+                values[spec.name] = zero
         for group in cls.__oneofs__:
             given = [name for name in group if name in values]
             if len(given) > 1:
@@ -337,7 +359,7 @@ class _Decoder:
                     f"{' and '.join(repr(k) for k in keys)} cannot be set together; "
                     f"choose one of {', '.join(_yaml_name(cls, n) for n in group)}",
                 )
-        return cls(**values, _at=self.at(node), _field_at=FrozenMap(field_at))
+        return cls(**values, _at=here, _field_at=FrozenMap(field_at))
 
     # values --------------------------------------------------------------------------------
 
@@ -348,9 +370,10 @@ class _Decoder:
         tspec: TypeSpec,
         path: str,
         field_at: dict[str, Location],
+        at: Location,
     ) -> Any:
         if tspec.shape is Shape.MESSAGE:
-            return self.message(node, tspec.python, path)
+            return self.message(node, tspec.python, path, at)
         if tspec.shape is Shape.LIST:
             return self.list(node, spec, tspec, path, field_at)
         if tspec.shape is Shape.MAP:
@@ -383,7 +406,7 @@ class _Decoder:
             if _is_null(item):
                 self.error(item, item_path, "this list item is empty")
                 continue
-            items.append(self.value(item, spec, tspec.item, item_path, field_at))
+            items.append(self.value(item, spec, tspec.item, item_path, field_at, self.at(item)))
         return tuple(items)
 
     def map(
@@ -398,8 +421,8 @@ class _Decoder:
         if not isinstance(node, yaml.MappingNode):
             self.error(node, path, f"expected a mapping, found {_node_type(node)}")
             return FrozenMap()
-        flatten_merge_keys(node)
-        entries = _entries(node, self.file, path, self.report)
+        self.merge_keys(node, path)
+        entries = _entries(node, self.file, path, self.report, map_keys=True)
         if spec.max_items is not None and len(entries) > spec.max_items:
             self.error(
                 node, path, f"at most {spec.max_items} entries are allowed, found {len(entries)}"
@@ -414,7 +437,9 @@ class _Decoder:
             if _is_null(value_node):
                 values[key] = _with_location(zero_of(tspec.item), self.at(key_node), FrozenMap())
                 continue
-            values[key] = self.value(value_node, spec, tspec.item, entry_path, field_at)
+            values[key] = self.value(
+                value_node, spec, tspec.item, entry_path, field_at, self.at(key_node)
+            )
         return FrozenMap(values)
 
     def scalar(self, node: yaml.Node, spec: FieldSpec, tspec: TypeSpec, path: str) -> Any:
@@ -425,6 +450,9 @@ class _Decoder:
             self.error(node, path, f"expected {_describe(target)}, found {_node_type(node)}")
             return zero_of(tspec)
         raw = construct(node)
+        if isinstance(raw, str) and _SURROGATES.search(raw):
+            self.error(node, path, "contains an escaped lone surrogate (\\uD800-\\uDFFF), not text")
+            return zero_of(tspec)
         converter = _CONVERTERS.get(target)
         if converter is None:
             assert issubclass(target, enum.Enum)
@@ -496,10 +524,14 @@ def _yaml_name(cls: type[Message], name: str) -> str:
 
 def _range(low: float | None, high: float | None) -> str:
     if low is not None and high is not None:
-        return f"between {low:g} and {high:g}"
+        return f"between {_number(low)} and {_number(high)}"
     if low is not None:
-        return f"at least {low:g}"
-    return f"at most {high:g}"
+        return f"at least {_number(low)}"
+    return f"at most {_number(high)}"
+
+
+def _number(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else f"{value:g}"
 
 
 def _describe(target: type) -> str:

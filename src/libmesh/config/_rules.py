@@ -22,8 +22,9 @@ __all__ = [
     "GRPC_STATUS_NAMES",
     "HTTP_METHODS",
     "RETRY_ON_POLICIES",
-    "check_attribute",
     "check_authz_port",
+    "check_condition_key",
+    "check_condition_value",
     "check_cors_header_name",
     "check_exact_ip",
     "check_export_to",
@@ -137,9 +138,9 @@ def check_wildcard_domain(name: str) -> str | None:
         return problem
     first, dot, rest = name.partition(".")
     if not (len(first) <= 63 and _WILDCARD_LABEL.match(first)):
-        return (
-            f"domain name {name!r} is invalid: label {first!r} is not a DNS-1123 label "
-            "(a wildcard may only be the whole first label, as in '*.example.com')"
+        hint = " (a wildcard may only be the first label, as in '*.example.com')"
+        return f"domain name {name!r} is invalid: label {first!r} is not a DNS-1123 label" + (
+            hint if "*" in first else ""
         )
     return _dns1123_labels(rest, name) if dot else None
 
@@ -588,35 +589,16 @@ CONDITION_KEYS = (
 )
 
 
-def check_attribute(key: str, values: Iterable[str]) -> str | None:
-    """One ``when`` condition of an AuthorizationPolicy: a known key and values of its type."""
-    values = list(values)
-    if any(v == "" for v in values):
-        return f"an empty value is not allowed for key {key!r}"
+def check_condition_key(key: str) -> str | None:
+    """The key of one ``when`` condition of an AuthorizationPolicy."""
     if key.startswith(_MAP_KEY_ATTRIBUTES):
         open_at = key.find("[")
         if open_at <= 0 or not key.endswith("]") or open_at == len(key) - 2:
             return f"key {key!r} must name an entry, as in 'request.headers[x-user]'"
         return None
-    if key in _IP_ATTRIBUTES:
-        for v in values:
-            problem = check_ip_or_cidr(v)
-            if problem:
-                return problem
+    if key in _IP_ATTRIBUTES or key in _FREE_ATTRIBUTES:
         return None
-    if key == "destination.port":
-        for v in values:
-            problem = check_authz_port(v)
-            if problem:
-                return problem
-        return None
-    if key == "source.serviceAccount":
-        for v in values:
-            problem = check_service_account(v)
-            if problem:
-                return problem
-        return None
-    if key in _FREE_ATTRIBUTES:
+    if key in ("destination.port", "source.serviceAccount"):
         return None
     if key == "destination.namespace":
         return "'destination.namespace' is replaced by the policy's metadata.namespace"
@@ -625,3 +607,16 @@ def check_attribute(key: str, values: Iterable[str]) -> str | None:
     if key in ("destination.name", "destination.user"):
         return f"{key!r} was only supported in v1alpha1"
     return f"unknown condition key {key!r}; the keys are: " + ", ".join(CONDITION_KEYS)
+
+
+def check_condition_value(key: str, value: str) -> str | None:
+    """One value of a ``when`` condition whose key is valid."""
+    if value == "":
+        return "an empty value is not allowed"
+    if key in _IP_ATTRIBUTES:
+        return check_ip_or_cidr(value)
+    if key == "destination.port":
+        return check_authz_port(value)
+    if key == "source.serviceAccount":
+        return check_service_account(value)
+    return None

@@ -50,9 +50,8 @@ class Cursor:
         *,
         related: tuple[ResourceRef, ...] = (),
     ) -> None:
-        self.report.add(
-            code, where(self.node, field, key), self.path_of(field, key), message, related=related
-        )
+        location = where(self.node, field, key) or self.resource.location
+        self.report.add(code, location, self.path_of(field, key), message, related=related)
 
     def error(self, message: str, field: str | None = None, key: int | str | None = None) -> None:
         self.add(Codes.SCHEMA_VALIDATION_ERROR, message, field, key)
@@ -127,7 +126,30 @@ def validate_resource(resource: Resource[Any], prior: list[Finding]) -> list[Fin
     cursor = Cursor(resource.spec, "spec", report, resource)
     _check_metadata(resource, report)
     _VALIDATORS[resource.kind](cursor)
-    return report.findings
+    broken = [f.path for f in prior if f.is_error and f.path]
+    return [f for f in report.findings if not _follows_from(f.path, broken)]
+
+
+def _follows_from(path: str, broken: list[str]) -> bool:
+    """Whether a semantic finding at ``path`` is only a consequence of a structural error.
+
+    Where decoding failed it substituted a zero value; checks on that value, on what contains
+    it, or on what it contains would report the same mistake again, less clearly.
+    """
+    for bad in broken:
+        if bad == path or _is_under(path, bad):
+            return True
+        if _is_under(bad, path) and (path != "spec" or _depth(bad) == 1):
+            return True
+    return False
+
+
+def _is_under(path: str, ancestor: str) -> bool:
+    return path.startswith(ancestor) and path[len(ancestor) : len(ancestor) + 1] in (".", "[")
+
+
+def _depth(path: str) -> int:
+    return path.count(".") + path.count("[")
 
 
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ._rules import (
-    check_attribute,
     check_authz_port,
+    check_condition_key,
+    check_condition_value,
     check_ip_or_cidr,
     check_jwks,
     check_jwks_uri,
@@ -161,15 +162,22 @@ def _check_rule(c: Cursor, action: AuthorizationPolicyAction) -> None:
             to.error("each 'to' entry needs an operation", "operation")
             continue
         _check_operation(to.child("operation"))
+    for field in ("from_", "to"):
+        if not getattr(rule, field) and field in rule._field_at:
+            name = "from" if field == "from_" else field
+            c.error(f"'{name}' is empty; remove it, or list what it should match", field)
     for _, condition in c.items("when"):
         node = condition.node
         if not node.key:
             condition.error("a condition needs a key", "key")
             continue
+        if not condition.check(check_condition_key(node.key), "key"):
+            continue
         if not node.values and not node.not_values:
             condition.error(f"condition {node.key!r} needs values or notValues")
         for field in ("values", "not_values"):
-            condition.check(check_attribute(node.key, getattr(node, field)), field)
+            for i, value in enumerate(getattr(node, field)):
+                condition.check(check_condition_value(node.key, value), field, i)
     if action is AuthorizationPolicyAction.DENY and _denies_all_tcp(rule):
         c.warning(
             "this DENY rule uses only HTTP attributes, so it denies all traffic to TCP ports "
@@ -260,6 +268,11 @@ def validate_request_authentication(c: Cursor) -> None:
             )
         else:
             issuers[rule.issuer] = i
+        if rule.timeout is not None and rule.timeout.nanos % 1_000_000:
+            rule_cursor.error(
+                f"timeout {rule.timeout} is finer than the supported millisecond precision",
+                "timeout",
+            )
         if rule.jwks_uri:
             rule_cursor.check(check_jwks_uri(rule.jwks_uri), "jwks_uri")
         if rule.jwks:

@@ -53,8 +53,12 @@ def location_of(node: yaml.Node, file: str) -> Location:
 
 def parse_documents(text: str, file: str) -> Iterator[Document | YAMLSyntaxError]:
     """Yield each document of a YAML stream; a syntax error ends the stream with its place."""
-    loader = _Loader(text)
     index = 0  # the document being read, 1-based
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        yield YAMLSyntaxError(_reader_problem(exc), _position(text, file, exc.position), 1)
+        return
     try:
         while True:
             index += 1
@@ -71,10 +75,21 @@ def parse_documents(text: str, file: str) -> Iterator[Document | YAMLSyntaxError
         if exc.context:
             problem = f"{problem} ({exc.context})"
         yield YAMLSyntaxError(f"this is not valid YAML: {problem}", where, index)
-    except yaml.YAMLError as exc:  # e.g. a character YAML does not allow, with no mark
+    except yaml.reader.ReaderError as exc:
+        yield YAMLSyntaxError(_reader_problem(exc), _position(text, file, exc.position), index)
+    except yaml.YAMLError as exc:
         yield YAMLSyntaxError(f"this is not valid YAML: {exc}", Location(file), index)
     finally:
         loader.dispose()
+
+
+def _reader_problem(exc: yaml.reader.ReaderError) -> str:
+    return f"this is not valid YAML: character {exc.character:#06x} is not allowed in YAML text"
+
+
+def _position(text: str, file: str, offset: int) -> Location:
+    before = text[:offset]
+    return Location(file, before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1)
 
 
 class _Constructor(SafeConstructor):
@@ -89,6 +104,14 @@ def construct(node: yaml.Node) -> Any:
     return _Constructor().construct_object(node, deep=True)
 
 
-def flatten_merge_keys(node: yaml.MappingNode) -> None:
-    """Apply YAML merge keys (``<<: *anchor``) in place, as PyYAML's own loader would."""
-    _Constructor().flatten_mapping(node)
+def flatten_merge_keys(node: yaml.MappingNode, file: str) -> YAMLSyntaxError | None:
+    """Apply YAML merge keys (``<<: *anchor``) in place, as PyYAML's own loader would.
+
+    Returns the problem when a merge key does not name mappings (``<<: 1``)."""
+    try:
+        _Constructor().flatten_mapping(node)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark or node.start_mark
+        where = Location(file, mark.line + 1, mark.column + 1)
+        return YAMLSyntaxError(f"a merge key ('<<') {exc.problem}", where, 0)
+    return None
