@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._annotations import annotation_problems
 from ._decode import Report
 from ._findings import Code, Codes, Finding
 from ._resource import Resource, ResourceRef
@@ -158,6 +159,8 @@ _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 def _check_metadata(resource: Resource[Any], report: Report) -> None:
     meta = Cursor(resource.metadata, "metadata", report, resource)
+    for annotation, problem in annotation_problems(resource.kind, resource.metadata.annotations):
+        meta.error(problem, "annotations", annotation)
     name = resource.metadata.name
     if name and not (len(name) <= 253 and _SUBDOMAIN.fullmatch(name)):
         meta.error(

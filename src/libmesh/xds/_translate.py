@@ -1,0 +1,1114 @@
+"""The translator: Istio resources and the registry, for one client, to xDS v3 resources.
+
+A pure function, written once: meshd serves its output over ADS, and libmesh's local mode calls it
+in-process, so the two cannot drift apart. Each Istio feature is expressed in Envoy's own fields,
+following Istio's own translation (pilot's ``networking/core``), so that grpcio and Envoy read the
+same resources the way libmesh does.
+
+Names follow Istio: a listener and its route configuration are named ``host:port``; a cluster
+``outbound|port|subset|host``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.outlier_detection_monitors.consecutive_errors.v3 import (
+    consecutive_errors_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2, range_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from .._duration import Duration
+from .._frozen import EMPTY
+from ..config import (
+    ConfigSet,
+    DestinationRule,
+    HTTPMatchRequest,
+    HTTPRoute,
+    Registry,
+    RegistryService,
+    Resource,
+    ServicePortInfo,
+    Subset,
+    TrafficPolicy,
+    VirtualService,
+    Workload,
+    labels_match,
+)
+from ..config._annotations import FailurePercentage, Hedge, SuccessRate, read_annotation
+from ..config._hosts import host_matches
+from ..config._networking import (
+    ClientTLSSettings,
+    ConnectionPoolSettings,
+    Destination,
+    Headers,
+    HTTPFaultInjection,
+    HTTPRetry,
+    LoadBalancerSettings,
+    OutlierDetection,
+    Percent,
+    PortTrafficPolicy,
+    Resolution,
+    SimpleLB,
+    StringMatch,
+)
+from ..config._rules import HTTP_PROTOCOLS
+from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Locality, Node, Snapshot
+
+__all__ = [
+    "DEFAULT_RETRY_ON",
+    "FAULT_FILTER",
+    "ROUTER_FILTER",
+    "cluster_name",
+    "parse_cluster_name",
+    "translate",
+]
+
+FAULT_FILTER = "envoy.filters.http.fault"
+ROUTER_FILTER = "envoy.filters.http.router"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+CONSECUTIVE_ERRORS_MONITOR = "envoy.outlier_detection_monitors.consecutive_errors"
+
+# Istio's retry policy for routes that configure none.
+DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_RETRY_ATTEMPTS = 2
+DEFAULT_CONNECT_TIMEOUT = Duration.of(seconds=10)
+MAX_UINT32 = 2**32 - 1
+
+_GRPC_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}  # fmt: skip
+_REDIRECT_CODES = {
+    301: rc.RedirectAction.MOVED_PERMANENTLY,
+    302: rc.RedirectAction.FOUND,
+    303: rc.RedirectAction.SEE_OTHER,
+    307: rc.RedirectAction.TEMPORARY_REDIRECT,
+    308: rc.RedirectAction.PERMANENT_REDIRECT,
+}
+_LB_POLICIES = {
+    SimpleLB.ROUND_ROBIN: cluster_pb2.Cluster.ROUND_ROBIN,
+    SimpleLB.LEAST_CONN: cluster_pb2.Cluster.LEAST_REQUEST,
+    SimpleLB.LEAST_REQUEST: cluster_pb2.Cluster.LEAST_REQUEST,
+    SimpleLB.RANDOM: cluster_pb2.Cluster.RANDOM,
+    SimpleLB.PASSTHROUGH: cluster_pb2.Cluster.CLUSTER_PROVIDED,
+    SimpleLB.UNSPECIFIED: cluster_pb2.Cluster.LEAST_REQUEST,
+}
+
+
+def cluster_name(port: int, subset: str, host: str) -> str:
+    return f"outbound|{port}|{subset}|{host}"
+
+
+def parse_cluster_name(name: str) -> tuple[int, str, str] | None:
+    parts = name.split("|")
+    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit():
+        return None
+    return int(parts[1]), parts[2], parts[3]
+
+
+def translate(config: ConfigSet, registry: Registry, node: Node | None = None) -> Snapshot:
+    """Build the xDS resources ``node`` needs, from valid configuration and the registry."""
+    return _Translator(config, registry, node or Node()).run()
+
+
+# -- helpers that build protobuf values ----------------------------------------------------------
+
+
+def _duration(value: Duration) -> duration_pb2.Duration:
+    seconds, nanos = divmod(value.nanos, 1_000_000_000)
+    return duration_pb2.Duration(seconds=seconds, nanos=nanos)
+
+
+def _uint32(value: int) -> wrappers_pb2.UInt32Value:
+    return wrappers_pb2.UInt32Value(value=min(max(value, 0), MAX_UINT32))
+
+
+def _any(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _fraction(percent: float) -> percent_pb2.FractionalPercent:
+    """A percentage with Istio's precision: parts per million."""
+    numerator = round(min(max(percent, 0.0), 100.0) * 10_000)
+    return percent_pb2.FractionalPercent(
+        numerator=numerator, denominator=percent_pb2.FractionalPercent.MILLION
+    )
+
+
+def _percent_value(percent: Percent | None, legacy: int | None = None) -> float:
+    if percent is not None and percent.value is not None:
+        return percent.value
+    if legacy is not None:
+        return float(legacy)
+    return 100.0
+
+
+def _string_matcher(match: StringMatch, *, ignore_case: bool = False) -> string_pb2.StringMatcher:
+    if match.exact is not None:
+        return string_pb2.StringMatcher(exact=match.exact, ignore_case=ignore_case)
+    if match.prefix is not None:
+        return string_pb2.StringMatcher(prefix=match.prefix, ignore_case=ignore_case)
+    if match.regex is not None:
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=match.regex))
+    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".*"))
+
+
+def _is_empty(match: StringMatch) -> bool:
+    return match.exact is None and match.prefix is None and match.regex is None
+
+
+def _header_matcher(name: str, match: StringMatch, *, invert: bool = False) -> rc.HeaderMatcher:
+    if _is_empty(match) or (invert and match.regex == "*"):
+        return rc.HeaderMatcher(name=name, present_match=True, invert_match=invert)
+    return rc.HeaderMatcher(name=name, string_match=_string_matcher(match), invert_match=invert)
+
+
+def _header_value(name: str, value: str, *, append: bool) -> base_pb2.HeaderValueOption:
+    action = (
+        base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+        if append
+        else base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    )
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=action
+    )
+
+
+# -- the translation ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Rules:
+    """The DestinationRules for one host, merged as Istio merges them: the first rule's traffic
+    policy wins, subsets are the union (the first definition of a name wins)."""
+
+    policy: TrafficPolicy | None = None
+    subsets: dict[str, Subset] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+class _Translator:
+    def __init__(self, config: ConfigSet, registry: Registry, node: Node) -> None:
+        self.config = config
+        self.registry = registry
+        self.node = node
+        self.resources: dict[str, dict[str, Message]] = {
+            LISTENER: {},
+            ROUTE: {},
+            CLUSTER: {},
+            ENDPOINT: {},
+        }
+
+    def run(self) -> Snapshot:
+        for service in self._visible_services():
+            rules = self._rules_for(service.host)
+            for port in service.ports:
+                self._build_clusters(service, port, rules)
+                if port.protocol in HTTP_PROTOCOLS or port.protocol is None:
+                    self._build_listener(service, port)
+        return Snapshot.of(self.resources)
+
+    # visibility ---------------------------------------------------------------------------
+
+    def _visible(self, export_to: Sequence[str], namespace: str) -> bool:
+        if not export_to or "*" in export_to:
+            return True
+        return any((namespace if e == "." else e) == self.node.namespace for e in export_to)
+
+    def _visible_services(self) -> Iterator[RegistryService]:
+        seen: set[str] = set()
+        for service in self.registry.services:
+            if service.is_wildcard or service.host in seen:
+                continue
+            if "*" in service.scopes or self.node.namespace in service.scopes:
+                seen.add(service.host)
+                yield service
+
+    def _resources(self, kind: str) -> Iterator[Resource[Any]]:
+        return (r for r in self.config.resources if r.kind == kind)
+
+    # DestinationRules ----------------------------------------------------------------------
+
+    def _rules_for(self, host: str) -> _Rules:
+        candidates: list[tuple[int, int, int, Resource[Any]]] = []
+        for order, resource in enumerate(self._resources("DestinationRule")):
+            rule: DestinationRule = resource.spec
+            if not self._visible(rule.export_to, resource.namespace):
+                continue
+            if rule.workload_selector is not None:
+                selects_me = resource.namespace == self.node.namespace and labels_match(
+                    rule.workload_selector.match_labels, self.node.labels
+                )
+                if not selects_me:
+                    continue
+            rule_host = self.registry.fqdn(rule.host, resource.namespace)
+            if rule_host == host:
+                specificity = 0
+            elif rule_host.startswith("*") and host_matches(rule_host, host):
+                specificity = 1
+            else:
+                continue
+            locality = 0 if resource.namespace == self.node.namespace else 1
+            candidates.append((specificity, locality, order, resource))
+        merged = _Rules()
+        for _, _, _, resource in sorted(candidates, key=lambda c: c[:3]):
+            rule = resource.spec
+            if merged.policy is None and rule.traffic_policy is not None:
+                merged.policy = rule.traffic_policy
+                merged.annotations = dict(resource.metadata.annotations)
+            for subset in rule.subsets:
+                merged.subsets.setdefault(subset.name, subset)
+        return merged
+
+    # clusters and endpoints -----------------------------------------------------------------
+
+    def _build_clusters(
+        self, service: RegistryService, port: ServicePortInfo, rules: _Rules
+    ) -> None:
+        workloads = self.registry.workloads_of(service)
+        base_policy = _port_policy(rules.policy, port.number)
+        self._add_cluster(service, port, "", base_policy, rules, workloads)
+        for name, subset in rules.subsets.items():
+            policy = _merge_policy(base_policy, _port_policy(subset.traffic_policy, port.number))
+            selected = tuple(w for w in workloads if labels_match(subset.labels, w.labels))
+            self._add_cluster(service, port, name, policy, rules, selected)
+
+    def _add_cluster(
+        self,
+        service: RegistryService,
+        port: ServicePortInfo,
+        subset: str,
+        policy: _PolicyView,
+        rules: _Rules,
+        workloads: Sequence[Workload],
+    ) -> None:
+        name = cluster_name(port.number, subset, service.host)
+        cluster = cluster_pb2.Cluster(name=name)
+        cluster.connect_timeout.CopyFrom(
+            _duration(
+                policy.connection_pool.tcp.connect_timeout
+                if policy.connection_pool
+                and policy.connection_pool.tcp
+                and policy.connection_pool.tcp.connect_timeout
+                else DEFAULT_CONNECT_TIMEOUT
+            )
+        )
+        assignment = self._assignment(name, service, port, workloads, policy)
+        if service.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
+            cluster.type = (
+                cluster_pb2.Cluster.STRICT_DNS
+                if service.resolution is Resolution.DNS
+                else cluster_pb2.Cluster.LOGICAL_DNS
+            )
+            cluster.load_assignment.CopyFrom(assignment)
+        elif service.resolution is Resolution.NONE and not workloads:
+            cluster.type = cluster_pb2.Cluster.ORIGINAL_DST
+            cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+        else:
+            cluster.type = cluster_pb2.Cluster.EDS
+            cluster.eds_cluster_config.service_name = name
+            cluster.eds_cluster_config.eds_config.ads.SetInParent()
+            cluster.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
+            self.resources[ENDPOINT][name] = assignment
+        if cluster.type != cluster_pb2.Cluster.ORIGINAL_DST:
+            _apply_load_balancer(cluster, policy.load_balancer)
+        _apply_connection_pool(cluster, policy.connection_pool, rules.annotations)
+        _apply_outlier_detection(cluster, policy.outlier_detection, rules.annotations)
+        if policy.retry_budget is not None:
+            budget = cluster.circuit_breakers.thresholds[0].retry_budget
+            if policy.retry_budget.percent is not None:
+                budget.budget_percent.value = policy.retry_budget.percent
+            if policy.retry_budget.min_retry_concurrency is not None:
+                budget.min_retry_concurrency.value = policy.retry_budget.min_retry_concurrency
+        if policy.tls is not None:
+            _record_tls(cluster, policy.tls)
+        cluster.metadata.filter_metadata["istio"].update(
+            {"services": [{"host": service.host, "namespace": service.namespace}]}
+        )
+        if subset:
+            cluster.metadata.filter_metadata["istio"].update({"subset": subset})
+        self.resources[CLUSTER][name] = cluster
+
+    def _assignment(
+        self,
+        name: str,
+        service: RegistryService,
+        port: ServicePortInfo,
+        workloads: Sequence[Workload],
+        policy: _PolicyView,
+    ) -> endpoint_pb2.ClusterLoadAssignment:
+        assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+        assignment.policy.overprovisioning_factor.value = 140
+        if not workloads and service.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
+            # A DNS service without endpoints resolves its own host name.
+            workloads = (
+                Workload(name=service.host, namespace=service.namespace, address=service.host,
+                         ports=EMPTY, labels=EMPTY),
+            )  # fmt: skip
+        groups: dict[Locality, list[endpoint_components_pb2.LbEndpoint]] = {}
+        for workload in workloads:
+            endpoint = _lb_endpoint(workload, port)
+            if endpoint is not None:
+                groups.setdefault(Locality.parse(workload.locality), []).append(endpoint)
+        lb = policy.load_balancer
+        locality_setting = lb.locality_lb_setting if lb is not None else None
+        failover_enabled = policy.outlier_detection is not None and (
+            locality_setting is None or locality_setting.enabled is not False
+        )
+        distribute = _distribution(locality_setting, self.node.locality, list(groups))
+        for locality in sorted(groups):
+            endpoints = groups[locality]
+            group = assignment.endpoints.add()
+            group.locality.region = locality.region
+            group.locality.zone = locality.zone
+            group.locality.sub_zone = locality.subzone
+            group.lb_endpoints.extend(endpoints)
+            weight = sum(e.load_balancing_weight.value for e in endpoints)
+            if distribute is not None:
+                weight = distribute.get(locality, 0)
+            group.load_balancing_weight.value = max(weight, 0)
+            if failover_enabled and distribute is None:
+                group.priority = _failover_priority(
+                    self.node.locality,
+                    locality,
+                    locality_setting.failover if locality_setting else (),
+                )
+        _compact_priorities(assignment)
+        return assignment
+
+    # listeners and routes -------------------------------------------------------------------
+
+    def _build_listener(self, service: RegistryService, port: ServicePortInfo) -> None:
+        name = f"{service.host}:{port.number}"
+        manager = hcm.HttpConnectionManager(stat_prefix=name)
+        manager.rds.route_config_name = name
+        manager.rds.config_source.ads.SetInParent()
+        manager.rds.config_source.resource_api_version = config_source_pb2.V3
+        manager.http_filters.add(name=FAULT_FILTER).typed_config.Pack(fault_pb2.HTTPFault())
+        manager.http_filters.add(name=ROUTER_FILTER).typed_config.Pack(router_pb2.Router())
+        listener = listener_pb2.Listener(name=name)
+        listener.api_listener.CopyFrom(api_listener_pb2.ApiListener(api_listener=_any(manager)))
+        self.resources[LISTENER][name] = listener
+        self.resources[ROUTE][name] = self._route_configuration(name, service, port)
+
+    def _domains(self, service: RegistryService, port: int) -> list[str]:
+        names = [service.host]
+        suffix = f".svc.{self.registry.domain}"
+        if service.host.endswith(suffix) and service.namespace == self.node.namespace:
+            short = service.host[: -len(suffix)]
+            names += [short.rpartition(".")[0], short, short + ".svc"]
+        elif service.host.endswith(suffix):
+            short = service.host[: -len(suffix)]
+            names += [short, short + ".svc"]
+        return [d for n in dict.fromkeys(names) for d in (n, f"{n}:{port}")]
+
+    def _route_configuration(
+        self, name: str, service: RegistryService, port: ServicePortInfo
+    ) -> route_pb2.RouteConfiguration:
+        config = route_pb2.RouteConfiguration(name=name, validate_clusters=wrappers_pb2.BoolValue())
+        vhost = config.virtual_hosts.add(name=name, domains=self._domains(service, port.number))
+        virtual_service = self._virtual_service_for(service.host)
+        routes = (
+            self._http_routes(virtual_service, service, port)
+            if virtual_service is not None
+            else None
+        )
+        if routes is None:
+            routes = [self._default_route(service, port)]
+        vhost.routes.extend(routes)
+        return config
+
+    def _virtual_service_for(self, host: str) -> Resource[Any] | None:
+        exact: list[Resource[Any]] = []
+        wildcard: list[tuple[int, Resource[Any]]] = []
+        for resource in self._resources("VirtualService"):
+            vs: VirtualService = resource.spec
+            if vs.gateways and "mesh" not in vs.gateways:
+                continue
+            if not vs.hosts or not self._visible(vs.export_to, resource.namespace):
+                continue
+            for vs_host in vs.hosts:
+                resolved = self.registry.fqdn(vs_host, resource.namespace)
+                if resolved == host:
+                    exact.append(resource)
+                elif resolved.startswith("*") and host_matches(resolved, host):
+                    wildcard.append((-len(resolved), resource))
+        if exact:
+            return exact[0]
+        return min(wildcard, key=lambda w: w[0])[1] if wildcard else None
+
+    def _default_route(self, service: RegistryService, port: ServicePortInfo) -> rc.Route:
+        route = rc.Route(name="default")
+        route.match.prefix = "/"
+        target = cluster_name(port.number, "", service.host)
+        route.route.cluster = target
+        route.route.timeout.CopyFrom(duration_pb2.Duration())
+        route.route.retry_policy.CopyFrom(_retry_policy(None, hashed=False))
+        self._apply_hash_policy(route.route, [target])
+        return route
+
+    def _http_routes(
+        self, resource: Resource[Any], service: RegistryService, port: ServicePortInfo
+    ) -> list[rc.Route] | None:
+        vs: VirtualService = resource.spec
+        hedge = read_annotation(resource.metadata.annotations, "hedge")
+        routes: list[rc.Route] = []
+        for http in self._expand_delegates(vs.http, resource):
+            matches: list[HTTPMatchRequest | None] = [
+                m for m in http.match if self._match_applies(m, port.number)
+            ]
+            if http.match and not matches:
+                continue  # none of its matches is for this client or port
+            action = self._action(http, resource, service, port, hedge)
+            for match in matches or [None]:
+                route = rc.Route(name=http.name or "")
+                route.match.CopyFrom(_route_match(match))
+                route.MergeFrom(action)
+                routes.append(route)
+        return routes
+
+    def _expand_delegates(
+        self, routes: Sequence[HTTPRoute], owner: Resource[Any]
+    ) -> Iterator[HTTPRoute]:
+        for http in routes:
+            if http.delegate is None:
+                yield http
+                continue
+            namespace = http.delegate.namespace or owner.namespace
+            delegate = next(
+                (
+                    r
+                    for r in self._resources("VirtualService")
+                    if r.name == http.delegate.name and r.namespace == namespace
+                ),
+                None,
+            )
+            if delegate is None:
+                continue
+            for child in delegate.spec.http:
+                yield _merge_delegate(http, child)
+
+    def _match_applies(self, match: HTTPMatchRequest, port: int) -> bool:
+        if match.port and match.port != port:
+            return False
+        if match.source_namespace and match.source_namespace != self.node.namespace:
+            return False
+        if match.source_labels and not labels_match(match.source_labels, self.node.labels):
+            return False
+        return not match.gateways or "mesh" in match.gateways
+
+    def _destination_cluster(
+        self, destination: Destination, owner: Resource[Any], service: RegistryService,
+        port: ServicePortInfo,
+    ) -> str:  # fmt: skip
+        host = self.registry.fqdn(destination.host, owner.namespace)
+        if destination.port is not None and destination.port.number:
+            number = destination.port.number
+        elif host == service.host:
+            number = port.number
+        else:
+            target = self.registry.lookup(destination.host, owner.namespace)
+            number = target.ports[0].number if target is not None and target.ports else port.number
+        return cluster_name(number, destination.subset or "", host)
+
+    def _action(
+        self,
+        http: HTTPRoute,
+        owner: Resource[Any],
+        service: RegistryService,
+        port: ServicePortInfo,
+        hedge: Hedge | None,
+    ) -> rc.Route:
+        route = rc.Route()
+        if http.redirect is not None:
+            route.redirect.CopyFrom(_redirect(http))
+        elif http.direct_response is not None:
+            response = http.direct_response
+            route.direct_response.status = response.status
+            if response.body is not None and response.body.string_ is not None:
+                route.direct_response.body.inline_string = response.body.string_
+            elif response.body is not None and response.body.bytes_ is not None:
+                route.direct_response.body.inline_bytes = response.body.bytes_
+        else:
+            self._route_action(route.route, http, owner, service, port, hedge)
+        if http.headers is not None:
+            _apply_headers(route, http.headers)
+        if http.fault is not None:
+            route.typed_per_filter_config[FAULT_FILTER].Pack(_fault(http.fault))
+        return route
+
+    def _route_action(
+        self,
+        action: rc.RouteAction,
+        http: HTTPRoute,
+        owner: Resource[Any],
+        service: RegistryService,
+        port: ServicePortInfo,
+        hedge: Hedge | None,
+    ) -> None:
+        targets = [
+            (self._destination_cluster(d.destination, owner, service, port), d) for d in http.route
+        ]
+        if len(targets) == 1 and not targets[0][1].headers:
+            action.cluster = targets[0][0]
+        else:
+            weighted = action.weighted_clusters
+            for name, destination in targets:
+                entry = weighted.clusters.add(name=name)
+                entry.weight.value = 100 if len(targets) == 1 else (destination.weight or 0)
+                if destination.headers is not None:
+                    _apply_headers(entry, destination.headers)
+        timeout = http.timeout or Duration(0)
+        action.timeout.CopyFrom(_duration(timeout))
+        if timeout.nanos:
+            action.max_stream_duration.max_stream_duration.CopyFrom(_duration(timeout))
+            action.max_stream_duration.grpc_timeout_header_max.CopyFrom(_duration(timeout))
+        hashed = self._apply_hash_policy(action, [name for name, _ in targets])
+        retry = _retry_policy(http.retries, hashed=hashed)
+        if retry is not None:
+            action.retry_policy.CopyFrom(retry)
+        if http.rewrite is not None:
+            if http.rewrite.uri is not None:
+                action.prefix_rewrite = http.rewrite.uri
+            if http.rewrite.uri_regex_rewrite is not None:
+                action.regex_rewrite.pattern.regex = http.rewrite.uri_regex_rewrite.match or ""
+                action.regex_rewrite.substitution = http.rewrite.uri_regex_rewrite.rewrite or ""
+            if http.rewrite.authority:
+                action.host_rewrite_literal = http.rewrite.authority
+        mirrors = [(m.destination, _percent_value(m.percentage)) for m in http.mirrors]
+        if http.mirror is not None:
+            percent = _percent_value(http.mirror_percentage, http.mirror_percent)
+            mirrors.insert(0, (http.mirror, percent))
+        for mirror, percent in mirrors:
+            policy = action.request_mirror_policies.add(
+                cluster=self._destination_cluster(mirror, owner, service, port)
+            )
+            policy.runtime_fraction.default_value.CopyFrom(_fraction(percent))
+        if hedge is not None:
+            action.hedge_policy.initial_requests.value = hedge.initial_requests
+            action.hedge_policy.additional_request_chance.CopyFrom(
+                _fraction(hedge.additional_request_chance)
+            )
+            action.hedge_policy.hedge_on_per_try_timeout = hedge.on_per_try_timeout
+
+    def _apply_hash_policy(self, action: rc.RouteAction, clusters: Iterable[str]) -> bool:
+        """Consistent hashing is configured on the destination's cluster but applied by the
+        route, as in Envoy; the first target's DestinationRule decides."""
+        for name in clusters:
+            parsed = parse_cluster_name(name)
+            if parsed is None:
+                continue
+            number, subset, host = parsed
+            rules = self._rules_for(host)
+            policy = _merge_policy(
+                _port_policy(rules.policy, number),
+                _port_policy(rules.subsets[subset].traffic_policy, number)
+                if subset in rules.subsets
+                else _PolicyView(),
+            )
+            lb = policy.load_balancer
+            if lb is None or lb.consistent_hash is None:
+                return False
+            hashing = lb.consistent_hash
+            hash_policy = action.hash_policy.add()
+            if hashing.http_header_name:
+                hash_policy.header.header_name = hashing.http_header_name
+            elif hashing.http_cookie is not None:
+                hash_policy.cookie.name = hashing.http_cookie.name
+                if hashing.http_cookie.path:
+                    hash_policy.cookie.path = hashing.http_cookie.path
+                if hashing.http_cookie.ttl is not None:
+                    hash_policy.cookie.ttl.CopyFrom(_duration(hashing.http_cookie.ttl))
+            elif hashing.use_source_ip:
+                hash_policy.connection_properties.source_ip = True
+            elif hashing.http_query_parameter_name:
+                hash_policy.query_parameter.name = hashing.http_query_parameter_name
+            return True
+        return False
+
+
+# -- pieces of the translation that need no state ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PolicyView:
+    """A traffic policy with port-level settings already applied."""
+
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+    retry_budget: Any = None
+
+
+def _port_policy(policy: TrafficPolicy | None, port: int) -> _PolicyView:
+    if policy is None:
+        return _PolicyView()
+    view = _PolicyView(
+        load_balancer=policy.load_balancer,
+        connection_pool=policy.connection_pool,
+        outlier_detection=policy.outlier_detection,
+        tls=policy.tls,
+        retry_budget=policy.retry_budget,
+    )
+    port_level: PortTrafficPolicy | None = next(
+        (p for p in policy.port_level_settings if p.port is not None and p.port.number == port),
+        None,
+    )
+    if port_level is None:
+        return view
+    return _PolicyView(
+        load_balancer=port_level.load_balancer or view.load_balancer,
+        connection_pool=port_level.connection_pool or view.connection_pool,
+        outlier_detection=port_level.outlier_detection or view.outlier_detection,
+        tls=port_level.tls or view.tls,
+        retry_budget=view.retry_budget,
+    )
+
+
+def _merge_policy(base: _PolicyView, override: _PolicyView) -> _PolicyView:
+    """A subset's policy replaces the top-level one field by field, as in Istio."""
+    return _PolicyView(
+        load_balancer=override.load_balancer or base.load_balancer,
+        connection_pool=override.connection_pool or base.connection_pool,
+        outlier_detection=override.outlier_detection or base.outlier_detection,
+        tls=override.tls or base.tls,
+        retry_budget=override.retry_budget or base.retry_budget,
+    )
+
+
+def _lb_endpoint(
+    workload: Workload, port: ServicePortInfo
+) -> endpoint_components_pb2.LbEndpoint | None:
+    endpoint = endpoint_components_pb2.LbEndpoint()
+    address = workload.address
+    if address.startswith("unix://"):
+        endpoint.endpoint.address.pipe.path = address[len("unix://") :]
+    elif address:
+        number = workload.ports.get(port.name) or port.target_port or port.number
+        socket = endpoint.endpoint.address.socket_address
+        socket.address = address
+        socket.port_value = number
+        socket.protocol = address_pb2.SocketAddress.TCP
+    else:
+        return None
+    endpoint.health_status = health_check_pb2.HEALTHY
+    endpoint.load_balancing_weight.value = workload.weight or 1
+    labels = struct_pb2.Struct()
+    labels.update(dict(workload.labels))
+    endpoint.metadata.filter_metadata["istio"].update(
+        {"workload": workload.name, "namespace": workload.namespace}
+    )
+    endpoint.metadata.filter_metadata["labels"].CopyFrom(labels)
+    if workload.service_account:
+        endpoint.metadata.filter_metadata["istio"].update(
+            {"serviceAccount": workload.service_account}
+        )
+    return endpoint
+
+
+def _distribution(
+    setting: Any, client: Locality, localities: Sequence[Locality]
+) -> dict[Locality, int] | None:
+    """Istio's ``distribute``: for the first rule whose ``from`` matches the client, the share
+    of traffic each endpoint locality gets."""
+    if setting is None or not setting.distribute or setting.enabled is False:
+        return None
+    for rule in setting.distribute:
+        if not _locality_matches(rule.from_ or "", client):
+            continue
+        shares: dict[Locality, int] = {}
+        for pattern, weight in rule.to.items():
+            matching = [loc for loc in localities if _locality_matches(pattern, loc)]
+            for loc in matching:
+                # A pattern's share is split evenly among the localities it matches.
+                shares[loc] = shares.get(loc, 0) + max(1, weight * 1000 // len(matching))
+        return shares
+    return None
+
+
+def _locality_matches(pattern: str, locality: Locality) -> bool:
+    parts = pattern.split("/")
+    values = [locality.region, locality.zone, locality.subzone]
+    for i, part in enumerate(parts):
+        if part == "*":
+            return True
+        if i >= 3 or values[i] != part:
+            return False
+    return True
+
+
+def _failover_priority(client: Locality, endpoint: Locality, failover: Sequence[Any]) -> int:
+    """Istio's locality failover: the same region/zone/subzone first, then zone, then region,
+    then the regions ``failover`` names for the client's region, then anywhere."""
+    if not client.region:
+        return 0
+    if endpoint.region == client.region:
+        if endpoint.zone == client.zone:
+            return 0 if endpoint.subzone == client.subzone else 1
+        return 2
+    targets = [f.to for f in failover if f.from_ == client.region]
+    if endpoint.region in targets:
+        return 3 + targets.index(endpoint.region)
+    return 3 + len(targets)
+
+
+def _compact_priorities(assignment: endpoint_pb2.ClusterLoadAssignment) -> None:
+    """EDS priorities must be contiguous from 0; Envoy and grpc reject gaps."""
+    used = sorted({group.priority for group in assignment.endpoints})
+    rank = {p: i for i, p in enumerate(used)}
+    for group in assignment.endpoints:
+        group.priority = rank[group.priority]
+
+
+def _apply_load_balancer(cluster: cluster_pb2.Cluster, lb: LoadBalancerSettings | None) -> None:
+    cluster.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    if lb is None:
+        return
+    if lb.simple is not None:
+        cluster.lb_policy = _LB_POLICIES[lb.simple]
+    elif lb.consistent_hash is not None:
+        hashing = lb.consistent_hash
+        if hashing.maglev is not None:
+            cluster.lb_policy = cluster_pb2.Cluster.MAGLEV
+            cluster.maglev_lb_config.table_size.value = hashing.maglev.table_size or 65537
+        else:
+            cluster.lb_policy = cluster_pb2.Cluster.RING_HASH
+            size = (hashing.ring_hash.minimum_ring_size if hashing.ring_hash else None) or (
+                hashing.minimum_ring_size or 1024
+            )
+            cluster.ring_hash_lb_config.minimum_ring_size.value = size
+    if lb.locality_lb_setting is not None and lb.locality_lb_setting.distribute:
+        cluster.common_lb_config.locality_weighted_lb_config.SetInParent()
+    warmup = lb.warmup.duration if lb.warmup is not None else lb.warmup_duration_secs
+    if warmup is not None:
+        slow_start = (
+            cluster.round_robin_lb_config.slow_start_config
+            if cluster.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
+            else cluster.least_request_lb_config.slow_start_config
+        )
+        slow_start.slow_start_window.CopyFrom(_duration(warmup))
+        if lb.warmup is not None and lb.warmup.aggression is not None:
+            slow_start.aggression.default_value = lb.warmup.aggression
+        if lb.warmup is not None and lb.warmup.minimum_percent is not None:
+            slow_start.min_weight_percent.value = lb.warmup.minimum_percent
+
+
+def _apply_connection_pool(
+    cluster: cluster_pb2.Cluster,
+    pool: ConnectionPoolSettings | None,
+    annotations: Mapping[str, str],
+) -> None:
+    # Istio lifts Envoy's default limits (1024) to the maximum: limits apply only when configured.
+    thresholds = cluster.circuit_breakers.thresholds.add(priority=base_pb2.DEFAULT)
+    thresholds.max_connections.value = MAX_UINT32
+    thresholds.max_pending_requests.value = MAX_UINT32
+    thresholds.max_requests.value = MAX_UINT32
+    thresholds.max_retries.value = MAX_UINT32
+    thresholds.track_remaining = True
+    per_host_connections = read_annotation(annotations, "per-host-max-connections")
+    per_host_requests = read_annotation(annotations, "per-host-max-requests")
+    if per_host_connections is not None or per_host_requests is not None:
+        per_host = cluster.circuit_breakers.per_host_thresholds.add(priority=base_pb2.DEFAULT)
+        if per_host_connections is not None:
+            per_host.max_connections.value = per_host_connections
+        if per_host_requests is not None:
+            per_host.max_requests.value = per_host_requests
+    if pool is None:
+        return
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    if pool.tcp is not None:
+        if pool.tcp.max_connections:
+            thresholds.max_connections.value = pool.tcp.max_connections
+        if pool.tcp.max_connection_duration is not None:
+            options.common_http_protocol_options.max_connection_duration.CopyFrom(
+                _duration(pool.tcp.max_connection_duration)
+            )
+        if pool.tcp.tcp_keepalive is not None:
+            keepalive = cluster.upstream_connection_options.tcp_keepalive
+            if pool.tcp.tcp_keepalive.probes:
+                keepalive.keepalive_probes.value = pool.tcp.tcp_keepalive.probes
+            if pool.tcp.tcp_keepalive.time is not None:
+                keepalive.keepalive_time.value = max(1, pool.tcp.tcp_keepalive.time.nanos // 10**9)
+            if pool.tcp.tcp_keepalive.interval is not None:
+                keepalive.keepalive_interval.value = max(
+                    1, pool.tcp.tcp_keepalive.interval.nanos // 10**9
+                )
+    http = pool.http
+    if http is not None:
+        if http.http1_max_pending_requests:
+            thresholds.max_pending_requests.value = http.http1_max_pending_requests
+        if http.http2_max_requests:
+            thresholds.max_requests.value = http.http2_max_requests
+        if http.max_retries:
+            thresholds.max_retries.value = http.max_retries
+        if http.max_requests_per_connection:
+            options.common_http_protocol_options.max_requests_per_connection.value = (
+                http.max_requests_per_connection
+            )
+        if http.idle_timeout is not None:
+            options.common_http_protocol_options.idle_timeout.CopyFrom(_duration(http.idle_timeout))
+        if http.h2_upgrade_policy is not None and http.h2_upgrade_policy.value == "UPGRADE":
+            options.explicit_http_config.http2_protocol_options.SetInParent()
+        if http.max_concurrent_streams:
+            options.explicit_http_config.http2_protocol_options.max_concurrent_streams.value = (
+                http.max_concurrent_streams
+            )
+        if http.use_client_protocol:
+            options.use_downstream_protocol_config.SetInParent()
+    if options.ByteSize():
+        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
+
+
+def _apply_outlier_detection(
+    cluster: cluster_pb2.Cluster, outlier: OutlierDetection | None, annotations: Mapping[str, str]
+) -> None:
+    success_rate: SuccessRate | None = read_annotation(annotations, "outlier-success-rate")
+    failure_percentage: FailurePercentage | None = read_annotation(
+        annotations, "outlier-failure-percentage"
+    )
+    if outlier is None and success_rate is None and failure_percentage is None:
+        return
+    out = outlier_detection_pb2.OutlierDetection()
+    # Istio disables success-rate ejection; libmesh enables it only through its annotation.
+    out.enforcing_success_rate.value = 0
+    if outlier is not None:
+        if outlier.consecutive_5xx_errors is not None:
+            value = outlier.consecutive_5xx_errors
+            out.consecutive_5xx.value = value
+            out.enforcing_consecutive_5xx.value = 100 if value > 0 else 0
+        if outlier.consecutive_gateway_errors is not None:
+            value = outlier.consecutive_gateway_errors
+            out.consecutive_gateway_failure.value = value
+            out.enforcing_consecutive_gateway_failure.value = 100 if value > 0 else 0
+        elif outlier.consecutive_errors:
+            out.consecutive_gateway_failure.value = outlier.consecutive_errors
+            out.enforcing_consecutive_gateway_failure.value = 100
+        if outlier.interval is not None:
+            out.interval.CopyFrom(_duration(outlier.interval))
+        if outlier.base_ejection_time is not None:
+            out.base_ejection_time.CopyFrom(_duration(outlier.base_ejection_time))
+        if outlier.max_ejection_percent:
+            out.max_ejection_percent.value = outlier.max_ejection_percent
+        if outlier.split_external_local_origin_errors:
+            out.split_external_local_origin_errors = True
+            if outlier.consecutive_local_origin_failures:
+                out.consecutive_local_origin_failure.value = (
+                    outlier.consecutive_local_origin_failures
+                )
+                out.enforcing_consecutive_local_origin_failure.value = 100
+            out.enforcing_local_origin_success_rate.value = 0
+        if outlier.outlier_detection_http_error_codes:
+            monitor = consecutive_errors_pb2.ConsecutiveErrors(
+                name="http-error-codes",
+                threshold=_uint32(outlier.consecutive_5xx_errors or 5),
+                enforcing=_uint32(100),
+            )
+            for code in outlier.outlier_detection_http_error_codes:
+                bucket = monitor.error_buckets.http_errors.add()
+                bucket.range.CopyFrom(range_pb2.Int32Range(start=code, end=code + 1))
+            out.monitors.add(name=CONSECUTIVE_ERRORS_MONITOR).typed_config.Pack(monitor)
+        # Istio disables the panic threshold unless minHealthPercent says otherwise.
+        cluster.common_lb_config.healthy_panic_threshold.value = float(
+            outlier.min_health_percent or 0
+        )
+    if success_rate is not None:
+        out.enforcing_success_rate.value = success_rate.enforcing
+        out.success_rate_minimum_hosts.value = success_rate.minimum_hosts
+        out.success_rate_request_volume.value = success_rate.request_volume
+        out.success_rate_stdev_factor.value = round(success_rate.stdev_factor * 1000)
+    if failure_percentage is not None:
+        out.enforcing_failure_percentage.value = failure_percentage.enforcing
+        out.failure_percentage_threshold.value = failure_percentage.threshold
+        out.failure_percentage_minimum_hosts.value = failure_percentage.minimum_hosts
+        out.failure_percentage_request_volume.value = failure_percentage.request_volume
+    max_ejection_time = read_annotation(annotations, "outlier-max-ejection-time")
+    if max_ejection_time is not None:
+        out.max_ejection_time.CopyFrom(_duration(max_ejection_time))
+    cluster.outlier_detection.CopyFrom(out)
+
+
+def _record_tls(cluster: cluster_pb2.Cluster, tls: ClientTLSSettings) -> None:
+    """TLS origination is part of the identity work; until then the intent is kept in the
+    cluster's metadata so that data planes and tools can see it."""
+    if tls.mode is not None:
+        cluster.metadata.filter_metadata["istio"].update({"tlsMode": tls.mode.value})
+    if tls.subject_alt_names:
+        cluster.metadata.filter_metadata["istio"].update(
+            {"subjectAltNames": list(tls.subject_alt_names)}
+        )
+
+
+def _route_match(match: HTTPMatchRequest | None) -> rc.RouteMatch:
+    out = rc.RouteMatch()
+    if match is None:
+        out.prefix = "/"
+        return out
+    uri = match.uri
+    if uri is None or (uri.exact is None and uri.prefix is None and uri.regex is None):
+        out.prefix = "/"
+    elif uri.exact is not None:
+        out.path = uri.exact
+    elif uri.prefix is not None:
+        out.prefix = uri.prefix
+    else:
+        out.safe_regex.regex = uri.regex or ""
+    if match.ignore_uri_case:
+        out.case_sensitive.value = False
+    for name, value in ((":method", match.method), (":authority", match.authority),
+                        (":scheme", match.scheme)):  # fmt: skip
+        if value is not None:
+            out.headers.append(_header_matcher(name, value))
+    for name, value in match.headers.items():
+        out.headers.append(_header_matcher(name.lower(), value))
+    for name, value in match.without_headers.items():
+        out.headers.append(_header_matcher(name.lower(), value, invert=True))
+    for name, value in match.query_params.items():
+        query = out.query_parameters.add(name=name)
+        if _is_empty(value):
+            query.present_match = True
+        else:
+            query.string_match.CopyFrom(_string_matcher(value))
+    return out
+
+
+def _merge_delegate(root: HTTPRoute, child: HTTPRoute) -> HTTPRoute:
+    """A root route's matches narrow its delegate's routes (Istio's delegate semantics)."""
+    if not root.match:
+        return child
+    if not child.match:
+        return dataclasses.replace(child, match=root.match)
+    merged = []
+    for outer in root.match:
+        for inner in child.match:
+            merged.append(
+                dataclasses.replace(
+                    outer,
+                    uri=inner.uri or outer.uri,
+                    method=inner.method or outer.method,
+                    authority=inner.authority or outer.authority,
+                    scheme=inner.scheme or outer.scheme,
+                    headers=type(outer.headers)({**outer.headers, **inner.headers}),
+                    query_params=type(outer.query_params)(
+                        {**outer.query_params, **inner.query_params}
+                    ),
+                    without_headers=type(outer.without_headers)(
+                        {**outer.without_headers, **inner.without_headers}
+                    ),
+                )
+            )
+    return dataclasses.replace(child, match=tuple(merged))
+
+
+def _redirect(http: HTTPRoute) -> rc.RedirectAction:
+    redirect = http.redirect
+    assert redirect is not None
+    out = rc.RedirectAction()
+    if redirect.uri is not None:
+        out.path_redirect = redirect.uri
+    if redirect.prefix_rewrite is not None:
+        out.prefix_rewrite = redirect.prefix_rewrite
+    if redirect.authority:
+        out.host_redirect = redirect.authority
+    if redirect.port:
+        out.port_redirect = redirect.port
+    if redirect.scheme:
+        out.scheme_redirect = redirect.scheme
+    out.response_code = _REDIRECT_CODES.get(
+        redirect.redirect_code or 301, rc.RedirectAction.MOVED_PERMANENTLY
+    )
+    return out
+
+
+def _apply_headers(target: Any, headers: Headers) -> None:
+    if headers.request is not None:
+        for name, value in headers.request.set.items():
+            target.request_headers_to_add.append(_header_value(name, value, append=False))
+        for name, value in headers.request.add.items():
+            target.request_headers_to_add.append(_header_value(name, value, append=True))
+        target.request_headers_to_remove.extend(headers.request.remove)
+    if headers.response is not None:
+        for name, value in headers.response.set.items():
+            target.response_headers_to_add.append(_header_value(name, value, append=False))
+        for name, value in headers.response.add.items():
+            target.response_headers_to_add.append(_header_value(name, value, append=True))
+        target.response_headers_to_remove.extend(headers.response.remove)
+
+
+def _fault(fault: HTTPFaultInjection) -> fault_pb2.HTTPFault:
+    out = fault_pb2.HTTPFault()
+    if fault.delay is not None and fault.delay.fixed_delay is not None:
+        out.delay.fixed_delay.CopyFrom(_duration(fault.delay.fixed_delay))
+        out.delay.percentage.CopyFrom(
+            _fraction(_percent_value(fault.delay.percentage, fault.delay.percent))
+        )
+    if fault.abort is not None:
+        abort = fault.abort
+        if abort.http_status is not None:
+            out.abort.http_status = abort.http_status
+        elif abort.grpc_status is not None:
+            out.abort.grpc_status = _GRPC_CODES.get(abort.grpc_status, 2)
+        out.abort.percentage.CopyFrom(_fraction(_percent_value(abort.percentage)))
+    return out
+
+
+_STATUS_TOKEN = re.compile(r"^\d+$")
+
+
+def _retry_policy(retries: HTTPRetry | None, *, hashed: bool) -> rc.RetryPolicy | None:
+    """Istio's ``retry.ConvertPolicy``: no policy means Istio's default one."""
+    if retries is not None and not retries.attempts:
+        return None
+    policy = rc.RetryPolicy(
+        retry_on=DEFAULT_RETRY_ON,
+        num_retries=_uint32(DEFAULT_RETRY_ATTEMPTS),
+        retriable_status_codes=[503],
+        host_selection_retry_max_attempts=5,
+    )
+    ignore_previous = True
+    if retries is not None:
+        policy.num_retries.value = retries.attempts or 0
+        if retries.retry_on:
+            tokens = [t for t in retries.retry_on.split(",") if t]
+            codes = [int(t) for t in tokens if _STATUS_TOKEN.match(t)]
+            conditions = [t for t in tokens if not _STATUS_TOKEN.match(t)]
+            if codes and "retriable-status-codes" not in conditions:
+                conditions.append("retriable-status-codes")
+            policy.retry_on = ",".join(conditions)
+            del policy.retriable_status_codes[:]
+            policy.retriable_status_codes.extend(codes)
+        if retries.per_try_timeout is not None:
+            policy.per_try_timeout.CopyFrom(_duration(retries.per_try_timeout))
+        if retries.backoff is not None:
+            policy.retry_back_off.base_interval.CopyFrom(_duration(retries.backoff))
+        if retries.retry_remote_localities:
+            policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+        if retries.retry_ignore_previous_hosts is False:
+            ignore_previous = False
+    if ignore_previous and not hashed:
+        policy.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts")
+    return policy
