@@ -6,9 +6,34 @@ the HTTP and gRPC clients and servers the application already uses.
 
 import logging
 
-from ._exceptions import ConfigError, MeshError
+from ._exceptions import (
+    ConfigError,
+    MeshError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from ._mesh import Mesh, node_from_environment
+from ._testing import is_testing, set_testing
+from .transport import AsyncMeshTransport, MeshInfo, MeshTransport
 
-__all__ = ["ConfigError", "MeshError", "__version__"]
+__all__ = [
+    "AsyncMeshTransport",
+    "ConfigError",
+    "Mesh",
+    "MeshError",
+    "MeshInfo",
+    "MeshTransport",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamReset",
+    "UpstreamTimeout",
+    "__version__",
+    "is_testing",
+    "node_from_environment",
+    "set_testing",
+]
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,18 @@
 """The libmesh exception tree.
 
-Every error libmesh raises derives from :class:`MeshError`, and also from the standard
-exception a caller would catch for that situation::
+Every error libmesh raises derives from :class:`MeshError`, and also from the standard or httpx
+exception a caller already catches for that situation, so ``except httpx.HTTPError`` and
+``except TimeoutError`` keep working::
 
     MeshError
-     └── ConfigError (ValueError)       configuration that cannot be used as it is
+     ├── ConfigError (ValueError)              configuration that cannot be used as it is
+     └── UpstreamError (httpx.TransportError)  a request got no response from upstream
+          ├── UpstreamConnectError (httpx.ConnectError, ConnectionError)   flags UF, URX
+          ├── UpstreamTimeout (httpx.TimeoutException, TimeoutError)       flag UT
+          └── UpstreamReset (httpx.ReadError, ConnectionError)             flags UC, UR
+
+``response_flags`` carries Envoy's response flags for the request, as an access log would show
+them (``UF,URX``: connection failures, retries exhausted).
 """
 
 from __future__ import annotations
@@ -12,10 +20,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import httpx
+
 if TYPE_CHECKING:
     from .config import Finding
 
-__all__ = ["ConfigError", "MeshError"]
+__all__ = [
+    "ConfigError",
+    "MeshError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamReset",
+    "UpstreamTimeout",
+]
 
 
 class MeshError(Exception):
@@ -29,3 +46,26 @@ class ConfigError(MeshError, ValueError):
         lines = [message, *(f.format() for f in findings if f.is_error)]
         super().__init__("\n  ".join(lines))
         self.findings = tuple(findings)
+
+
+class UpstreamError(MeshError, httpx.TransportError):
+    """No response came back from the service; ``response_flags`` says why, Envoy-style."""
+
+    def __init__(
+        self, message: str, *, request: httpx.Request, response_flags: str, attempts: int
+    ) -> None:
+        super().__init__(message, request=request)
+        self.response_flags = response_flags
+        self.attempts = attempts
+
+
+class UpstreamConnectError(UpstreamError, httpx.ConnectError, ConnectionError):
+    """No endpoint of the service accepted a connection."""
+
+
+class UpstreamTimeout(UpstreamError, httpx.TimeoutException, TimeoutError):
+    """The route's timeout (or the last try's) passed before a response arrived."""
+
+
+class UpstreamReset(UpstreamError, httpx.ReadError, ConnectionError):
+    """The connection broke before the response headers arrived."""

@@ -23,9 +23,10 @@ from .._duration import Duration, parse_duration
 from .._frozen import FrozenMap
 from ._findings import Code, Codes, Finding, Severity
 from ._resource import KINDS, ObjectMeta, Resource, ResourceRef
+from ._rules import is_number
 from ._schema import FieldSpec, Message, Shape, TypeSpec, field_specs, fields_by_key, zero_of
 from ._source import Location
-from ._yaml import Document, construct, flatten_merge_keys, location_of
+from ._yaml import Document, UnreadableValue, construct, flatten_merge_keys, location_of
 
 __all__ = ["Report", "decode_document"]
 
@@ -163,7 +164,12 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
     else:
         spec = decoder.message(spec_entry[1], kind.spec, "spec", location_of(spec_entry[0], file))
     status_entry = entries.get("status")
-    status = _freeze(construct(status_entry[1])) if status_entry else None
+    status = None
+    if status_entry is not None:
+        try:
+            status = _freeze(construct(status_entry[1]))
+        except UnreadableValue as exc:
+            report.error(location_of(status_entry[1], file), "status", str(exc))
     resource: Resource[Any] = Resource(
         api_version=api_version,
         kind=kind.name,
@@ -180,7 +186,10 @@ def decode_document(doc: Document, file: str) -> tuple[Resource[Any] | None, lis
 
 def _raw_ref(kind: str, metadata: tuple[yaml.Node, yaml.Node] | None) -> ResourceRef:
     """A best-effort name for a document that is not decoded (another kind)."""
-    raw = construct(metadata[1]) if metadata is not None else None
+    try:
+        raw = construct(metadata[1]) if metadata is not None else None
+    except UnreadableValue:
+        raw = None
     raw = raw if isinstance(raw, dict) else {}
     return ResourceRef(
         kind, str(raw.get("namespace") or "default"), str(raw.get("name") or "<unnamed>")
@@ -211,7 +220,11 @@ def _entries(
         if not isinstance(key_node, yaml.ScalarNode):
             report.error(location_of(key_node, file), path, "a key must be a plain value")
             continue
-        key = str(construct(key_node))
+        try:
+            key = str(construct(key_node))
+        except UnreadableValue as exc:
+            report.error(location_of(key_node, file), path, str(exc))
+            continue
         if key in entries:
             first = location_of(entries[key][0], file)
             report.error(
@@ -266,7 +279,10 @@ def _node_type(node: yaml.Node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    return _json_type(construct(node))
+    try:
+        return _json_type(construct(node))
+    except UnreadableValue:
+        return "an unreadable value"
 
 
 def _freeze(value: Any) -> Any:
@@ -445,11 +461,19 @@ class _Decoder:
     def scalar(self, node: yaml.Node, spec: FieldSpec, tspec: TypeSpec, path: str) -> Any:
         target = tspec.python
         if target is object:
-            return _freeze(construct(node))
+            try:
+                return _freeze(construct(node))
+            except UnreadableValue as exc:
+                self.error(node, path, str(exc))
+                return None
         if not isinstance(node, yaml.ScalarNode):
             self.error(node, path, f"expected {_describe(target)}, found {_node_type(node)}")
             return zero_of(tspec)
-        raw = construct(node)
+        try:
+            raw = construct(node)
+        except UnreadableValue as exc:
+            self.error(node, path, str(exc))
+            return zero_of(tspec)
         if isinstance(raw, str) and _SURROGATES.search(raw):
             self.error(node, path, "contains an escaped lone surrogate (\\uD800-\\uDFFF), not text")
             return zero_of(tspec)
@@ -566,7 +590,7 @@ def _to_int(raw: Any, node: yaml.Node) -> int:
     if isinstance(raw, float) and raw.is_integer():
         return int(raw)
     hint = ""
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+    if isinstance(raw, str) and is_number(raw.strip().lstrip("-")):
         hint = f"; remove the quotes: {raw.strip()}"
     raise _Mismatch(f"expected an integer, found {_json_type(raw)} ({node.value!r}){hint}")
 

@@ -17,7 +17,7 @@ from .._frozen import FrozenMap
 from ._findings import Codes, Finding
 from ._resource import DEFAULT_NAMESPACE, ResourceRef
 from ._source import Location
-from ._yaml import Document, construct
+from ._yaml import Document, UnreadableValue, construct
 
 __all__ = ["KubernetesService", "KubernetesServicePort", "decode_kubernetes_service"]
 
@@ -50,7 +50,13 @@ def is_kubernetes_service(api_version: str, kind: str) -> bool:
 
 
 def decode_kubernetes_service(doc: Document) -> tuple[KubernetesService | None, list[Finding]]:
-    raw: Any = construct(doc.node)
+    try:
+        raw: Any = construct(doc.node)
+    except UnreadableValue as exc:
+        raw = {}
+        unreadable = str(exc)
+    else:
+        unreadable = ""
     meta = _mapping(raw.get("metadata"))
     spec = _mapping(raw.get("spec"))
     name = str(meta.get("name") or "")
@@ -71,6 +77,8 @@ def decode_kubernetes_service(doc: Document) -> tuple[KubernetesService | None, 
         )
     if not name:
         problems.append("metadata.name is required")
+    if unreadable:
+        problems.append(unreadable)
     if problems:
         findings = [
             Finding(

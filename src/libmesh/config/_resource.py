@@ -81,7 +81,7 @@ class Resource(Generic[SpecT]):
 
     @property
     def ref(self) -> ResourceRef:
-        return ResourceRef(self.kind, self.namespace, self.name)
+        return ResourceRef(self.kind, self.namespace, self.name or "<unnamed>")
 
     @property
     def location(self) -> Location:

@@ -53,6 +53,7 @@ __all__ = [
     "is_dns1123_label",
     "is_ip",
     "is_jwt_claim_route",
+    "is_number",
     "is_prime",
     "parse_protocol",
 ]
@@ -101,6 +102,11 @@ TCP_PROTOCOLS = frozenset({"TCP", "HTTPS", "TLS", "Mongo", "Redis", "MySQL"})
 # -- names ---------------------------------------------------------------------------------------
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²' and other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
+
 def is_dns1123_label(value: str) -> bool:
     return len(value) <= 63 and bool(_DNS1123_LABEL.match(value))
 
@@ -116,7 +122,7 @@ def _dns_preconditions(name: str) -> str | None:
 def _dns1123_labels(name: str, domain: str) -> str | None:
     parts = name.split(".")
     top = parts[-1]
-    if top.lstrip("+-").isdigit():
+    if is_number(top.lstrip("+-")):
         return f"domain name {domain!r} is invalid: its top-level domain {top!r} is all digits"
     for i, label in enumerate(parts):
         if i == len(parts) - 1 and label == "":
@@ -364,7 +370,7 @@ def check_retry_on(value: str) -> list[str]:
     for token in value.split(","):
         if token in RETRY_ON_POLICIES:
             continue
-        if token.isdigit() and _is_http_status(int(token)):
+        if is_number(token) and _is_http_status(int(token)):
             continue
         if token.strip() in RETRY_ON_POLICIES:
             problems.append(f"{token!r} has spaces around it; write the conditions as '5xx,reset'")
@@ -530,7 +536,7 @@ def check_service_account(value: str) -> str | None:
 
 
 def check_authz_port(value: str) -> str | None:
-    if value.isdigit() and int(value) <= 65535:
+    if is_number(value) and int(value) <= 65535:
         return None
     return f"{value!r} is not a port number (0..65535)"
 

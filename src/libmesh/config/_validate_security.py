@@ -12,6 +12,7 @@ from ._rules import (
     check_path_template,
     check_service_account,
     check_strict_header_name,
+    is_number,
 )
 from ._security import (
     AuthorizationPolicy,
@@ -79,7 +80,7 @@ def validate_peer_authentication(c: Cursor) -> None:
             "port_level_mtls",
         )
     for key in policy.port_level_mtls:
-        if not (key.isdigit() and 1 <= int(key) <= 65535):
+        if not (is_number(key) and 1 <= int(key) <= 65535):
             c.error(f"{key!r} is not a port number in the range 1..65535", "port_level_mtls", key)
     check_workload_selector(c, "selector", "match_labels")
 

@@ -17,7 +17,14 @@ from yaml.constructor import SafeConstructor
 
 from ._source import Location
 
-__all__ = ["Document", "YAMLSyntaxError", "construct", "location_of", "parse_documents"]
+__all__ = [
+    "Document",
+    "UnreadableValue",
+    "YAMLSyntaxError",
+    "construct",
+    "location_of",
+    "parse_documents",
+]
 
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 
@@ -99,9 +106,21 @@ class _Constructor(SafeConstructor):
 _Constructor.yaml_constructors = dict(SafeConstructor.yaml_constructors)
 
 
+class UnreadableValue(ValueError):
+    """A value YAML cannot build, such as ``!!int abc`` or a tag no one defines."""
+
+
 def construct(node: yaml.Node) -> Any:
     """The plain Python value of a node (scalars, and whole subtrees for free-form fields)."""
-    return _Constructor().construct_object(node, deep=True)
+    try:
+        return _Constructor().construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as exc:
+        raise UnreadableValue(f"this value cannot be read: {exc.problem}") from exc
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        tag = node.tag.rpartition(":")[2] if node.tag else "?"
+        raise UnreadableValue(
+            f"this value cannot be read as its tag !!{tag} says ({type(exc).__name__})"
+        ) from exc
 
 
 def flatten_merge_keys(node: yaml.MappingNode, file: str) -> YAMLSyntaxError | None:

@@ -71,7 +71,7 @@ from ..config._networking import (
     SimpleLB,
     StringMatch,
 )
-from ..config._rules import HTTP_PROTOCOLS
+from ..config._rules import HTTP_PROTOCOLS, is_number
 from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Locality, Node, Snapshot
 
 __all__ = [
@@ -123,7 +123,7 @@ def cluster_name(port: int, subset: str, host: str) -> str:
 
 def parse_cluster_name(name: str) -> tuple[int, str, str] | None:
     parts = name.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit():
+    if len(parts) != 4 or parts[0] != "outbound" or not is_number(parts[1]):
         return None
     return int(parts[1]), parts[2], parts[3]
 

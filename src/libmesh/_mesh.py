@@ -1,0 +1,200 @@
+"""The mesh, in local mode: Istio YAML files, translated in-process, reloaded when they change.
+
+    mesh = libmesh.Mesh.from_files("mesh/", namespace="shop", labels={"app": "frontend"})
+    client = httpx.Client(transport=mesh.transport())
+
+The same translator as meshd's runs here, so a process configured from files behaves exactly as
+it would when configured by meshd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from ._exceptions import ConfigError
+from ._frozen import FrozenMap
+from .config import LoadResult, Registry, load
+from .config._loader import iter_yaml_files
+from .policy import ClusterStats, Engine
+from .transport import AsyncMeshTransport, MeshTransport
+from .xds import Locality, Node, Snapshot, translate
+
+__all__ = ["Mesh", "node_from_environment"]
+
+logger = logging.getLogger("libmesh")
+
+
+def node_from_environment(
+    *,
+    namespace: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    locality: str | None = None,
+    service_account: str | None = None,
+    node_id: str | None = None,
+) -> Node:
+    """Who this process is, from arguments or else ``LIBMESH_NAMESPACE``, ``LIBMESH_LABELS``
+    (``app=reviews,version=v1``), ``LIBMESH_LOCALITY`` (``region/zone/subzone``) and
+    ``LIBMESH_SERVICE_ACCOUNT``."""
+    env = os.environ
+    if labels is None:
+        raw = env.get("LIBMESH_LABELS", "")
+        labels = dict(p.split("=", 1) for p in raw.split(",") if "=" in p)
+    return Node(
+        id=node_id or env.get("LIBMESH_NODE_ID", "libmesh"),
+        namespace=namespace or env.get("LIBMESH_NAMESPACE", "default"),
+        labels=FrozenMap(labels),
+        locality=Locality.parse(locality if locality is not None else env.get("LIBMESH_LOCALITY")),
+        service_account=service_account or env.get("LIBMESH_SERVICE_ACCOUNT", "default"),
+    )
+
+
+class Mesh:
+    """The in-process data plane: an engine, and the configuration that feeds it."""
+
+    def __init__(self, engine: Engine, node: Node) -> None:
+        self._engine = engine
+        self.node = node
+        self._paths: tuple[str, ...] = ()
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._fingerprint: tuple[tuple[str, float, int], ...] = ()
+        self.last_result: LoadResult | None = None
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot, node: Node | None = None) -> Mesh:
+        return cls(Engine(snapshot), node or Node())
+
+    @classmethod
+    def from_files(
+        cls,
+        *paths: str | os.PathLike[str],
+        namespace: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        locality: str | None = None,
+        service_account: str | None = None,
+        watch: bool = True,
+        poll_interval: float = 1.0,
+    ) -> Mesh:
+        """A mesh configured from YAML files or directories (read recursively).
+
+        Raises :class:`ConfigError` when the configuration has errors: a process should not
+        start on configuration it would misapply. With ``watch`` (the default), a background
+        thread re-reads the files when they change; a change with errors is reported in the
+        log and ignored, and the last good configuration keeps serving.
+        """
+        node = node_from_environment(
+            namespace=namespace, labels=labels, locality=locality, service_account=service_account
+        )
+        mesh = cls(Engine(), node)
+        mesh._paths = tuple(os.fspath(p) for p in paths)
+        result = mesh.reload()
+        if not result.ok:
+            raise ConfigError(
+                f"the mesh configuration in {', '.join(mesh._paths)} has errors", result.errors
+            )
+        if watch:
+            mesh.watch(poll_interval)
+        return mesh
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # configuration -----------------------------------------------------------------------------
+
+    def reload(self) -> LoadResult:
+        """Re-read the files. Applies the configuration only when it has no errors."""
+        self._fingerprint = self._current_fingerprint()
+        result = load(self._paths)
+        self.last_result = result
+        for finding in result.findings:
+            log = logger.error if finding.is_error else logger.warning
+            log("%s", finding.format())
+        if not result.ok:
+            logger.error(
+                "libmesh: configuration rejected (%d errors); still serving version %s",
+                len(result.errors),
+                self._engine.version or "(none)",
+            )
+            return result
+        self.apply(result)
+        return result
+
+    def apply(self, result: LoadResult) -> None:
+        registry = Registry.build(result.config, result.services)
+        snapshot = translate(result.config, registry, self.node)
+        if snapshot.version != self._engine.version:
+            self._engine.update(snapshot)
+            logger.info("libmesh: configuration version %s applied", snapshot.version)
+
+    def _current_fingerprint(self) -> tuple[tuple[str, float, int], ...]:
+        entries = []
+        for path in iter_yaml_files(self._paths):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((str(path), stat.st_mtime, stat.st_size))
+        return tuple(entries)
+
+    def watch(self, poll_interval: float = 1.0) -> None:
+        """Reload when the files change, checking every ``poll_interval`` seconds."""
+        if self._watcher is not None or not self._paths:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(poll_interval):
+                try:
+                    if self._current_fingerprint() != self._fingerprint:
+                        self.reload()
+                except Exception:  # the watcher must survive anything a file system does
+                    logger.exception("libmesh: reloading the configuration failed")
+
+        self._watcher = threading.Thread(target=loop, name="libmesh-config-watch", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # clients -----------------------------------------------------------------------------------
+
+    def transport(self, **options: Any) -> MeshTransport:
+        """A sync httpx transport; ``options`` go to each underlying ``httpx.HTTPTransport``."""
+        return MeshTransport(self, **options)
+
+    def async_transport(self, **options: Any) -> AsyncMeshTransport:
+        return AsyncMeshTransport(self, **options)
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An ``httpx.Client`` on this mesh; ``options`` go to the client."""
+        return httpx.Client(transport=self.transport(), **options)
+
+    def async_client(self, **options: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.async_transport(), **options)
+
+    # what happened -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, ClusterStats]:
+        return {name: cluster.stats for name, cluster in self._engine.clusters.items()}
+
+    def ejected_hosts(self) -> dict[str, list[str]]:
+        return {
+            name: [h.key for h in cluster.hosts if h.monitor.ejected]
+            for name, cluster in self._engine.clusters.items()
+            if any(h.monitor.ejected for h in cluster.hosts)
+        }

@@ -1,0 +1,23 @@
+"""A switch for users' test suites: make libmesh's waiting instant.
+
+    import libmesh
+    libmesh.set_testing(True)   # retry back-off and injected delays no longer sleep
+
+Decisions are unchanged (a delay fault is still counted as injected); only the waiting goes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["is_testing", "set_testing"]
+
+_testing = False
+
+
+def set_testing(testing: bool) -> None:
+    """Turn instant waiting on or off, process-wide."""
+    global _testing
+    _testing = testing
+
+
+def is_testing() -> bool:
+    return _testing

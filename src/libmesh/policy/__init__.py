@@ -1,0 +1,37 @@
+"""The engine: pure decisions built from xDS resources, shared by every transport."""
+
+from ._balancer import Balancer, BalancerConfig, Host, hash_key
+from ._cluster import Admission, Breaker, ClusterState, ClusterStats, Limits
+from ._engine import Attempt, Backoff, Call, Deliver, Engine, Fail, LocalReply
+from ._outlier import EjectionReason, HostMonitor, OutlierConfig, OutlierDetector
+from ._request import RequestInfo
+from ._retry import Failure, RetryPolicy
+from ._routing import RouteTable, WeightedPicker
+
+__all__ = [
+    "Admission",
+    "Attempt",
+    "Backoff",
+    "Balancer",
+    "BalancerConfig",
+    "Breaker",
+    "Call",
+    "ClusterState",
+    "ClusterStats",
+    "Deliver",
+    "EjectionReason",
+    "Engine",
+    "Fail",
+    "Failure",
+    "Host",
+    "HostMonitor",
+    "Limits",
+    "LocalReply",
+    "OutlierConfig",
+    "OutlierDetector",
+    "RequestInfo",
+    "RetryPolicy",
+    "RouteTable",
+    "WeightedPicker",
+    "hash_key",
+]

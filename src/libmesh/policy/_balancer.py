@@ -1,0 +1,295 @@
+"""Load balancing, as Envoy does it: priorities with overprovisioning, panic mode, optional
+locality weighting, then one of round robin, least request (power of two choices), random,
+ring hash or Maglev among the hosts of the chosen locality."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from envoy.config.cluster.v3 import cluster_pb2
+
+from ._outlier import HostMonitor
+
+__all__ = ["Balancer", "BalancerConfig", "Host", "hash_key"]
+
+OVERPROVISIONING = 1.4  # Envoy's default factor: a level at 71% health still takes all its load
+
+
+class Host:
+    """One upstream endpoint of a cluster, with the state the policies keep about it."""
+
+    __slots__ = (
+        "active",
+        "address",
+        "healthy",
+        "key",
+        "labels",
+        "locality",
+        "monitor",
+        "port",
+        "priority",
+        "requests",
+        "uds",
+        "weight",
+    )
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        uds: str | None = None,
+        locality: str = "",
+        priority: int = 0,
+        weight: int = 1,
+        healthy: bool = True,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self.uds = uds
+        self.key = f"unix:{uds}" if uds else f"{address}:{port}"
+        self.locality = locality
+        self.priority = priority
+        self.weight = max(weight, 1)
+        self.healthy = healthy
+        self.labels = labels or {}
+        self.monitor = HostMonitor()
+        self.active = 0  # requests in flight
+        self.requests = 0  # lifetime attempts
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.monitor.ejected
+
+    def __repr__(self) -> str:
+        return f"Host({self.key}, priority={self.priority}, locality={self.locality!r})"
+
+
+def hash_key(text: str) -> int:
+    """A 64-bit hash that is stable across processes (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerConfig:
+    policy: int = cluster_pb2.Cluster.ROUND_ROBIN
+    panic_threshold: float = 50.0
+    locality_weighted: bool = False
+    ring_size: int = 1024
+    maglev_table_size: int = 65537
+    locality_weights: dict[str, int] = field(default_factory=dict)
+
+
+class _SmoothRoundRobin:
+    """Weighted round robin with even interleaving, over a changing set of candidates."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, int] = {}
+
+    def pick(self, candidates: Sequence[Host]) -> Host:
+        total = 0
+        best: Host | None = None
+        best_value = 0
+        current = self._current
+        for host in candidates:
+            value = current.get(host.key, 0) + host.weight
+            current[host.key] = value
+            total += host.weight
+            if best is None or value > best_value:
+                best, best_value = host, value
+        assert best is not None
+        current[best.key] = best_value - total
+        return best
+
+
+class Balancer:
+    """Picks hosts for one cluster. Thread-safe; ``clock``-free (health comes from hosts)."""
+
+    def __init__(self, config: BalancerConfig, rng: random.Random) -> None:
+        self.config = config
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._round_robin = _SmoothRoundRobin()
+        self._locality_rr = _SmoothRoundRobin()
+        self._ring_cache: tuple[tuple[str, ...], list[int], list[Host]] | None = None
+        self._maglev_cache: tuple[tuple[str, ...], list[Host]] | None = None
+        self._hosts: list[Host] = []
+        self._levels: list[list[Host]] = []
+
+    def set_hosts(self, hosts: list[Host]) -> None:
+        with self._lock:
+            self._hosts = hosts
+            levels: dict[int, list[Host]] = {}
+            for host in hosts:
+                levels.setdefault(host.priority, []).append(host)
+            self._levels = [levels[p] for p in sorted(levels)]
+            self._ring_cache = self._maglev_cache = None
+
+    @property
+    def hosts(self) -> list[Host]:
+        return self._hosts
+
+    def pick(
+        self,
+        key: int | None = None,
+        accept: Callable[[Host], bool] | None = None,
+        attempts: int = 1,
+    ) -> Host | None:
+        """A host for one attempt; ``accept`` may refuse hosts (tried before, or at their
+        limit), in which case up to ``attempts`` picks are made, as Envoy's host selection
+        retries are."""
+        choice = None
+        for _ in range(max(attempts, 1)):
+            choice = self._pick_once(key)
+            if choice is None or accept is None or accept(choice):
+                return choice
+            if key is not None:
+                key = hash_key(str(key))  # rehash to move along the ring
+        return choice
+
+    def _pick_once(self, key: int | None) -> Host | None:
+        with self._lock:
+            level = self._choose_level()
+            if not level:
+                return None
+            candidates = [h for h in level if h.available]
+            if 100.0 * len(candidates) / len(level) < self.config.panic_threshold:
+                candidates = level  # panic: route to every host, healthy or not
+            if not candidates:
+                return None  # no healthy upstream, and panic mode is off
+            if self.config.locality_weighted:
+                candidates = self._choose_locality(candidates)
+            return self._choose_host(candidates, key)
+
+    def _choose_level(self) -> list[Host]:
+        if not self._levels:
+            return []
+        if len(self._levels) == 1:
+            return self._levels[0]
+        health = []
+        for level in self._levels:
+            healthy = sum(1 for h in level if h.available)
+            health.append(min(100.0, OVERPROVISIONING * 100.0 * healthy / len(level)))
+        total = sum(health)
+        if total == 0:
+            return self._levels[0]
+        loads = []
+        remaining = 100.0
+        for value in health:
+            share = value * 100.0 / total if total < 100 else min(remaining, value)
+            loads.append(share)
+            remaining -= share
+        point = self._rng.random() * sum(loads)
+        for level, load in zip(self._levels, loads, strict=True):
+            if point < load:
+                return level
+            point -= load
+        return self._levels[-1]
+
+    def _choose_locality(self, candidates: list[Host]) -> list[Host]:
+        groups: dict[str, list[Host]] = {}
+        for host in candidates:
+            groups.setdefault(host.locality, []).append(host)
+        if len(groups) == 1:
+            return candidates
+        weights = self.config.locality_weights
+        pseudo = [
+            _LocalityHost(name, weights.get(name, 1)) for name in sorted(groups)
+            if weights.get(name, 1) > 0
+        ]  # fmt: skip
+        if not pseudo:
+            return candidates
+        chosen = self._locality_rr.pick(pseudo)  # type: ignore[arg-type]
+        return groups[chosen.key]
+
+    def _choose_host(self, candidates: list[Host], key: int | None) -> Host:
+        if len(candidates) == 1:
+            return candidates[0]
+        policy = self.config.policy
+        if policy == cluster_pb2.Cluster.RING_HASH and key is not None:
+            return self._ring(candidates, key)
+        if policy == cluster_pb2.Cluster.MAGLEV and key is not None:
+            return self._maglev(candidates, key)
+        if policy == cluster_pb2.Cluster.LEAST_REQUEST:
+            return self._least_request(candidates)
+        if policy in (
+            cluster_pb2.Cluster.RANDOM,
+            cluster_pb2.Cluster.RING_HASH,
+            cluster_pb2.Cluster.MAGLEV,
+        ):
+            return self._weighted_random(candidates)
+        return self._round_robin.pick(candidates)
+
+    def _least_request(self, candidates: list[Host]) -> Host:
+        if len({h.weight for h in candidates}) > 1:
+            # Envoy's weighted least request: weight / (active + 1), chosen at random.
+            scored = [(h.weight / (h.active + 1), h) for h in candidates]
+            best = max(score for score, _ in scored)
+            return self._rng.choice([h for score, h in scored if score == best])
+        first, second = self._rng.sample(candidates, 2)
+        return first if first.active <= second.active else second
+
+    def _weighted_random(self, candidates: list[Host]) -> Host:
+        return self._rng.choices(candidates, weights=[h.weight for h in candidates])[0]
+
+    def _ring(self, candidates: list[Host], key: int) -> Host:
+        names = tuple(h.key for h in candidates)
+        cached = self._ring_cache
+        if cached is None or cached[0] != names:
+            total = sum(h.weight for h in candidates)
+            points: list[tuple[int, Host]] = []
+            for host in candidates:
+                replicas = max(1, -(-self.config.ring_size * host.weight // total))
+                points.extend((hash_key(f"{host.key}_{i}"), host) for i in range(replicas))
+            points.sort(key=lambda p: p[0])
+            cached = (names, [p[0] for p in points], [p[1] for p in points])
+            self._ring_cache = cached
+        _, hashes, owners = cached
+        index = bisect.bisect_left(hashes, key)
+        return owners[index % len(owners)]
+
+    def _maglev(self, candidates: list[Host], key: int) -> Host:
+        names = tuple(h.key for h in candidates)
+        cached = self._maglev_cache
+        if cached is None or cached[0] != names:
+            cached = (names, _maglev_table(candidates, self.config.maglev_table_size))
+            self._maglev_cache = cached
+        table = cached[1]
+        return table[key % len(table)]
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalityHost:
+    key: str
+    weight: int
+
+
+def _maglev_table(hosts: list[Host], size: int) -> list[Host]:
+    """Maglev's lookup table (Eisenbud et al.), weighted by host weight."""
+    offsets = [hash_key(h.key + "#offset") % size for h in hosts]
+    skips = [hash_key(h.key + "#skip") % (size - 1) + 1 for h in hosts]
+    nexts = [0] * len(hosts)
+    table: list[Host | None] = [None] * size
+    filled = 0
+    max_weight = max(h.weight for h in hosts)
+    targets = [0.0] * len(hosts)
+    while True:
+        for i, host in enumerate(hosts):
+            targets[i] += host.weight / max_weight
+            while targets[i] >= 1:
+                targets[i] -= 1
+                while True:
+                    slot = (offsets[i] + nexts[i] * skips[i]) % size
+                    nexts[i] += 1
+                    if table[slot] is None:
+                        table[slot] = host
+                        filled += 1
+                        break
+                if filled == size:
+                    return [h for h in table if h is not None]

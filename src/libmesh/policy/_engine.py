@@ -1,0 +1,509 @@
+"""The engine: everything the data plane decides, built only from xDS resources.
+
+:class:`Engine` compiles a :class:`~libmesh.xds.Snapshot` into route tables and live cluster
+state. Each request becomes a :class:`Call`, a sans-I/O state machine: the transport asks it what
+to do next (reply locally, wait, send an attempt to a host) and tells it what happened (a
+response, a failure). Sync and async transports drive the same calls, so they cannot differ in
+behaviour; nothing here touches a socket, a thread or an event loop.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+
+from ..config._rules import is_number
+from ..xds import Snapshot
+from ._balancer import Host, hash_key
+from ._cluster import Admission, ClusterKind, ClusterState
+from ._request import RequestInfo
+from ._retry import Failure, RetryPolicy
+from ._routing import DirectResponse, Forward, HeaderOps, Redirect, RouteTable
+
+__all__ = ["Attempt", "Backoff", "Call", "Deliver", "Engine", "Fail", "LocalReply"]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """A response the mesh makes itself: a redirect, a direct response, an injected abort, or
+    Envoy's 404 (no route), 503 (no healthy upstream, overflow)."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    flags: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try: send the request to ``host`` of ``cluster`` within ``timeout`` seconds."""
+
+    number: int
+    cluster: ClusterState
+    host: Host
+    timeout: float | None
+    per_try: bool  # the timeout is the per-try timeout (a retry may follow), not the route's
+    retry: bool
+    path: str | None  # the rewritten path and query, or None to send the request's own
+    authority: str | None
+    headers: HeaderOps
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Wait this long, then ask the call for the next attempt."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """This attempt's response is the call's response."""
+
+    attempt: Attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The call failed without a response: ``kind`` is ``connect``, ``timeout`` or ``reset``."""
+
+    kind: str
+    flags: str
+    message: str
+
+
+Step = Attempt | Backoff | Deliver | Fail | LocalReply
+
+
+class Call:
+    """One request through the mesh. Not thread-safe: one transport call drives it."""
+
+    __slots__ = (
+        "_deadline",
+        "_engine",
+        "_hash",
+        "_outstanding",
+        "_picked_cluster",
+        "_retries_left",
+        "_tried",
+        "abort",
+        "attempts",
+        "cookie",
+        "decision",
+        "delay",
+        "flags",
+        "replayable",
+        "request",
+        "started",
+    )
+
+    def __init__(self, engine: Engine, decision: Forward, request: RequestInfo) -> None:
+        self._engine = engine
+        self.decision = decision
+        self.request = request
+        self.started = engine.clock()
+        self._deadline = self.started + decision.timeout if decision.timeout else None
+        retry = decision.retry
+        self._retries_left = retry.num_retries if retry is not None else 0
+        self._tried: set[str] = set()
+        self._outstanding = 0
+        self.attempts = 0
+        self.flags: list[str] = []
+        self.replayable = True
+        self.cookie: tuple[str, str] | None = None  # (name, Set-Cookie value) to add
+        self._picked_cluster: str | None = None
+        self._hash = self._hash_key()
+        self.delay, self.abort = self._fault()
+
+    # faults and mirrors ------------------------------------------------------------------------
+
+    def _fault(self) -> tuple[float, LocalReply | None]:
+        fault = self.decision.fault
+        if fault is None:
+            return 0.0, None
+        rng = self._engine.rng
+        delay = fault.delay if fault.delay and rng.random() < fault.delay_fraction else 0.0
+        if delay:
+            self.flags.append("DI")
+        abort = None
+        if fault.abort_fraction and rng.random() < fault.abort_fraction:
+            self.flags.append("FI")
+            if fault.abort_grpc_status is not None:
+                abort = LocalReply(
+                    200,
+                    headers=(
+                        ("content-type", "application/grpc"),
+                        ("grpc-status", str(fault.abort_grpc_status)),
+                        ("grpc-message", "fault filter abort"),
+                    ),
+                    flags="FI",
+                )
+            else:
+                abort = LocalReply(fault.abort_status or 503, b"fault filter abort", flags="FI")
+        return delay, abort
+
+    def mirrors(self) -> list[tuple[ClusterState, Host]]:
+        """Hosts to send a copy of the request to, fire-and-forget, as sampled now."""
+        targets = []
+        for mirror in self.decision.mirrors:
+            if mirror.fraction < 1.0 and self._engine.rng.random() >= mirror.fraction:
+                continue
+            cluster = self._engine.cluster(mirror.cluster)
+            if cluster is None:
+                continue
+            host = cluster.pick(None, None, 1)
+            if host is not None:
+                targets.append((cluster, host))
+        return targets
+
+    # attempts ----------------------------------------------------------------------------------
+
+    def _hash_key(self) -> int | None:
+        for policy in self.decision.hash_policies:
+            value: str | None = None
+            if policy.kind == "header":
+                value = self.request.header(policy.name)
+            elif policy.kind == "query":
+                value = self.request.query_param(policy.name)
+            elif policy.kind == "source_ip":
+                value = self.request.source_ip or "local"
+            elif policy.kind == "cookie":
+                value = self.request.cookie(policy.name)
+                if value is None and policy.cookie_ttl is not None:
+                    value = f"{self._engine.rng.getrandbits(64):016x}"
+                    attributes = f"; Max-Age={int(policy.cookie_ttl)}" if policy.cookie_ttl else ""
+                    path = f"; Path={policy.cookie_path}" if policy.cookie_path else ""
+                    self.cookie = (
+                        policy.name,
+                        f'{policy.name}="{value}"{attributes}{path}; HttpOnly',
+                    )
+            if value is not None:
+                return hash_key(value)
+        return None
+
+    def next(self) -> Step:
+        """The next thing to do: an attempt, or the end of the call."""
+        engine = self._engine
+        now = engine.clock()
+        if self._deadline is not None and now >= self._deadline:
+            return self._timed_out()
+        cluster_name = self.decision.picker.pick()
+        cluster = engine.cluster(cluster_name)
+        if cluster is None:
+            self.flags.append("NC")
+            return LocalReply(503, b"no cluster found", flags="NC")
+        retry = self.attempts > 0
+        if cluster.kind is ClusterKind.ORIGINAL_DESTINATION:
+            address, _, port = self.request.authority.rpartition(":")
+            host: Host | None = cluster.original_destination(
+                address or self.request.authority, int(port) if is_number(port) else 80
+            )
+        else:
+            policy = self.decision.retry
+            avoid = policy is not None and policy.avoid_previous_hosts and bool(self._tried)
+            host = cluster.pick(
+                self._hash,
+                (lambda h: h.key not in self._tried) if avoid else None,
+                policy.host_selection_attempts if (policy is not None and avoid) else 1,
+            )
+        if host is None:
+            self.flags.append("UH")
+            return LocalReply(503, b"no healthy upstream", flags="UH")
+        admission = cluster.breaker.admit(host, retry=retry)
+        if admission is Admission.OVERFLOW:
+            cluster.stats.upstream_rq_pending_overflow += 1
+            self.flags.append("UO")
+            return LocalReply(
+                503,
+                _OVERFLOW_BODY,
+                headers=(("x-envoy-overloaded", "true"),),
+                flags="UO",
+            )
+        if admission is Admission.RETRY_OVERFLOW:  # pragma: no cover - checked before backoff
+            cluster.stats.upstream_rq_retry_overflow += 1
+            return Fail("connect", "URX", "retry budget exhausted")
+        if self.attempts == 0:
+            cluster.breaker.begin_call()
+        self._picked_cluster = cluster.name
+        self.attempts += 1
+        self._outstanding += 1
+        self._tried.add(host.key)
+        stats = cluster.stats
+        stats.upstream_rq_total += 1
+        stats.by_host[host.key] = stats.by_host.get(host.key, 0) + 1
+        if retry:
+            stats.upstream_rq_retry += 1
+        per_try = self.decision.retry.per_try_timeout if self.decision.retry else None
+        remaining = self._deadline - now if self._deadline is not None else None
+        timeout, is_per_try = _earliest(per_try, remaining)
+        request_ops, _ = self.decision.cluster_headers.get(cluster.name, (HeaderOps(), HeaderOps()))
+        return Attempt(
+            number=self.attempts,
+            cluster=cluster,
+            host=host,
+            timeout=timeout,
+            per_try=is_per_try,
+            retry=retry,
+            path=self._rewritten_path(),
+            authority=self.decision.host_rewrite,
+            headers=self.decision.request_headers.merged(request_ops),
+        )
+
+    def _rewritten_path(self) -> str | None:
+        decision = self.decision
+        path = self.request.path
+        if decision.prefix_rewrite is not None and decision.matched_prefix is not None:
+            path = decision.prefix_rewrite + path[len(decision.matched_prefix) :]
+            if not path.startswith("/"):
+                path = "/" + path
+        elif decision.regex_rewrite is not None:
+            pattern, substitution = decision.regex_rewrite
+            path = pattern.sub(substitution, path)  # type: ignore[attr-defined]
+        else:
+            return None
+        query = self.request.query
+        return f"{path}?{query}" if query else path
+
+    def _timed_out(self) -> Fail:
+        self.flags.append("UT")
+        self._end()
+        return Fail("timeout", "UT", "upstream request timeout")
+
+    # outcomes ----------------------------------------------------------------------------------
+
+    def responded(
+        self,
+        attempt: Attempt,
+        status: int,
+        headers: Mapping[str, str],
+        grpc_status: int | None = None,
+    ) -> Step:
+        """The attempt got response headers: deliver them, or retry."""
+        cluster, host = attempt.cluster, attempt.host
+        if cluster.detector is not None:
+            cluster.detector.report_local_success(host)
+            cluster.detector.report_status(host, status)
+        if status >= 500:
+            cluster.stats.upstream_rq_5xx += 1
+        elif 200 <= status < 300:
+            cluster.stats.upstream_rq_2xx += 1
+        policy = self.decision.retry
+        if policy is not None and policy.retries_status(status, headers, grpc_status):
+            step = self._maybe_retry(attempt, policy)
+            if step is not None:
+                return step
+        return Deliver(attempt)
+
+    def failed(self, attempt: Attempt, failure: Failure) -> Step:
+        """The attempt got no response."""
+        cluster, host = attempt.cluster, attempt.host
+        timeout = failure is Failure.TIMEOUT
+        if timeout:
+            cluster.stats.upstream_rq_timeout += 1
+        elif failure is Failure.CONNECT_FAILURE:
+            cluster.stats.upstream_cx_connect_fail += 1
+        if cluster.detector is not None:
+            cluster.detector.report_local_failure(host, timeout=timeout)
+        if timeout and not attempt.per_try:
+            self._release(attempt)
+            return self._timed_out()
+        policy = self.decision.retry
+        if policy is not None and policy.retries_failure(failure):
+            step = self._maybe_retry(attempt, policy)
+            if step is not None:
+                return step
+        self._release(attempt)
+        self._end()
+        if timeout:
+            self.flags.append("UT")
+            return Fail("timeout", "UT", "upstream request timeout")
+        flag = {Failure.CONNECT_FAILURE: "UF", Failure.RESET: "UC", Failure.REFUSED_STREAM: "UR"}[
+            failure
+        ]
+        if self.attempts > 1:
+            self.flags.append("URX")
+        self.flags.append(flag)
+        kind = "connect" if failure is Failure.CONNECT_FAILURE else "reset"
+        return Fail(kind, flag, _FAILURE_MESSAGES[failure])
+
+    def _maybe_retry(self, attempt: Attempt, policy: RetryPolicy) -> Backoff | None:
+        if self._retries_left <= 0 or not self.replayable:
+            return None
+        cluster = attempt.cluster
+        limits = cluster.breaker
+        # Check the retry budget before giving up the attempt's own slot.
+        admission = limits.admit(attempt.host, retry=True)
+        if admission is not Admission.OK:
+            cluster.stats.upstream_rq_retry_overflow += 1
+            return None
+        limits.release(attempt.host, retry=True)
+        self._retries_left -= 1
+        self._release(attempt)
+        delay = policy.backoff(self.attempts, self._engine.rng)
+        if self._deadline is not None:
+            delay = min(delay, max(0.0, self._deadline - self._engine.clock()))
+        return Backoff(delay)
+
+    def _release(self, attempt: Attempt) -> None:
+        attempt.cluster.breaker.release(attempt.host, retry=attempt.retry)
+        self._outstanding -= 1
+
+    def _end(self) -> None:
+        if self._picked_cluster is not None:
+            cluster = self._engine.cluster(self._picked_cluster)
+            if cluster is not None:
+                cluster.breaker.end_call()
+            self._picked_cluster = None
+
+    def finish(self, attempt: Attempt) -> None:
+        """The delivered response has been read or closed: free its slot."""
+        if self._outstanding > 0:
+            self._release(attempt)
+            self._end()
+
+    def response_headers(self, attempt: Attempt) -> HeaderOps:
+        _, response_ops = self.decision.cluster_headers.get(
+            attempt.cluster.name, (HeaderOps(), HeaderOps())
+        )
+        return self.decision.response_headers.merged(response_ops)
+
+
+_OVERFLOW_BODY = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+)
+_FAILURE_MESSAGES = {
+    Failure.CONNECT_FAILURE: "upstream connect error or disconnect/reset before headers. "
+    "reset reason: connection failure",
+    Failure.RESET: "upstream connect error or disconnect/reset before headers. "
+    "reset reason: connection termination",
+    Failure.REFUSED_STREAM: "upstream connect error or disconnect/reset before headers. "
+    "reset reason: remote refused stream reset",
+}
+
+
+def _earliest(per_try: float | None, remaining: float | None) -> tuple[float | None, bool]:
+    if per_try is None:
+        return remaining, False
+    if remaining is None or per_try < remaining:
+        return per_try, True
+    return remaining, False
+
+
+@dataclass
+class _Tables:
+    routes: dict[str, RouteTable] = field(default_factory=dict)  # by listener name
+    domains: dict[str, RouteTable] = field(default_factory=dict)
+    ports: dict[str, list[int]] = field(default_factory=dict)  # host -> ports with listeners
+
+
+class Engine:
+    """The compiled mesh. ``update`` swaps in new configuration atomically; clusters that stay
+    keep their live state (ejections, counters, in-flight requests)."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._clusters: dict[str, ClusterState] = {}
+        self._tables = _Tables()
+        self._lock = threading.Lock()
+        self.version = ""
+        if snapshot is not None:
+            self.update(snapshot)
+
+    def update(self, snapshot: Snapshot) -> None:
+        tables = _Tables()
+        for name, listener in snapshot.listeners.items():
+            route_name = _route_name(listener) or name
+            route_config = snapshot.routes.get(route_name)
+            if route_config is None:
+                continue
+            table = RouteTable.compile(route_config)
+            tables.routes[name] = table
+            for vhost in route_config.virtual_hosts:
+                for domain in vhost.domains:
+                    tables.domains.setdefault(domain.lower(), table)
+            host, _, port = name.rpartition(":")
+            if is_number(port):
+                tables.ports.setdefault(host, []).append(int(port))
+        with self._lock:
+            clusters = {}
+            for name, proto in snapshot.clusters.items():
+                state = self._clusters.get(name)
+                if state is None:
+                    state = ClusterState(proto, self.clock, self.rng)
+                else:
+                    state.configure(proto)
+                assignment = snapshot.endpoints.get(name)
+                if assignment is not None:
+                    state.set_endpoints(assignment)
+                clusters[name] = state
+            self._clusters = clusters
+            self._tables = tables
+            self.version = snapshot.version
+
+    def cluster(self, name: str) -> ClusterState | None:
+        return self._clusters.get(name)
+
+    @property
+    def clusters(self) -> Mapping[str, ClusterState]:
+        return self._clusters
+
+    def route_table(self, host: str, port: int | None) -> RouteTable | None:
+        """The routes for a request to ``host:port``; ``None`` when the mesh does not know it.
+
+        Without an explicit port, a service with a single HTTP port is found by its name alone.
+        """
+        domains = self._tables.domains
+        host = host.lower()
+        if port is not None:
+            table = domains.get(f"{host}:{port}")
+            if table is not None:
+                return table
+            if port not in (80, 443):
+                return None
+        table = domains.get(host)
+        if table is None:
+            return None
+        return table
+
+    def start(self, host: str, port: int | None, request: RequestInfo) -> Call | LocalReply | None:
+        """Begin a request to ``host:port``: a call to drive, a local reply, or ``None`` to
+        pass the request through untouched (a host the mesh does not know)."""
+        table = self.route_table(host, port)
+        if table is None:
+            return None
+        decision = table.match(request)
+        if decision is None:
+            return LocalReply(404, flags="NR")
+        if isinstance(decision, Redirect):
+            return LocalReply(decision.status, headers=(("location", decision.location(request)),))
+        if isinstance(decision, DirectResponse):
+            return LocalReply(decision.status, decision.body)
+        return Call(self, decision, request)
+
+
+def _route_name(listener: listener_pb2.Listener) -> str | None:
+    if not listener.HasField("api_listener"):
+        return None
+    manager = hcm.HttpConnectionManager()
+    if not listener.api_listener.api_listener.Unpack(manager):
+        return None
+    if manager.HasField("rds"):
+        return str(manager.rds.route_config_name)
+    if manager.HasField("route_config"):
+        return str(manager.route_config.name)
+    return None

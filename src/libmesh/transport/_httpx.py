@@ -1,0 +1,555 @@
+"""httpx transports that route requests through the mesh.
+
+``httpx.Client(transport=mesh.transport())`` and ``httpx.AsyncClient(transport=
+mesh.async_transport())`` behave the same: the URL names a service (``http://reviews.shop.svc.
+cluster.local:8080/…``, or a short name in the caller's namespace), the engine decides, and the
+request goes to a real endpoint through a real httpx transport per endpoint (so connection pooling
+and OpenTelemetry's httpx instrumentation work per attempt). The Host header stays the service's
+name. Hosts the mesh does not know go straight through.
+
+Both twins share everything but waiting and sending, which live in ``_send``/``_asend`` and
+``_sleep``/``_asleep``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpcore
+import httpx
+
+from .._exceptions import UpstreamConnectError, UpstreamReset, UpstreamTimeout
+from .._testing import is_testing
+from ..config._rules import is_number
+from ..policy import (
+    Attempt,
+    Backoff,
+    Call,
+    ClusterState,
+    Deliver,
+    Engine,
+    Fail,
+    Failure,
+    Host,
+    LocalReply,
+    RequestInfo,
+)
+from ..policy._routing import HeaderOps
+
+__all__ = ["AsyncMeshTransport", "MeshInfo", "MeshTransport"]
+
+logger = logging.getLogger("libmesh")
+
+
+class EngineSource(Protocol):
+    """Anything that holds the current engine (a :class:`~libmesh.Mesh`)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MeshInfo:
+    """What the mesh did with a request, at ``response.extensions["libmesh"]``."""
+
+    response_flags: str
+    attempts: int
+    route: str
+    cluster: str
+    upstream_host: str
+
+
+# -- shared logic --------------------------------------------------------------------------------
+
+
+def _request_info(request: httpx.Request) -> RequestInfo:
+    url = request.url
+    return RequestInfo(
+        method=request.method,
+        authority=request.headers.get("host") or url.netloc.decode("ascii"),
+        path=url.path,
+        query=url.query.decode("ascii"),
+        scheme=url.scheme,
+        headers=request.headers,
+    )
+
+
+def _apply_header_ops(headers: httpx.Headers, ops: HeaderOps) -> None:
+    for name in ops.remove:
+        if name in headers:
+            del headers[name]
+    for name, value, append in ops.add:
+        if append and name in headers:
+            headers[name] = headers[name] + "," + value
+        else:
+            headers[name] = value
+
+
+def _local_response(reply: LocalReply, request: httpx.Request) -> httpx.Response:
+    headers = list(reply.headers)
+    if reply.body and not any(k == "content-type" for k, _ in headers):
+        headers.append(("content-type", "text/plain"))
+    return httpx.Response(
+        reply.status,
+        headers=headers,
+        content=reply.body,
+        request=request,
+        extensions={"libmesh": MeshInfo(reply.flags, 0, "", "", "")},
+    )
+
+
+def _is_replayable(request: httpx.Request) -> bool:
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _failure_of(exc: httpx.TransportError) -> Failure:
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return Failure.CONNECT_FAILURE
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure.TIMEOUT
+    if "REFUSED_STREAM" in str(exc):
+        return Failure.REFUSED_STREAM
+    return Failure.RESET
+
+
+def _grpc_status(response: httpx.Response) -> int | None:
+    value = response.headers.get("grpc-status")
+    return int(value) if value is not None and is_number(value) else None
+
+
+class _Base:
+    """What the sync and async transports share: preparing attempts and finishing responses."""
+
+    def __init__(self, source: EngineSource) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+
+    def _prepare(self, request: httpx.Request, attempt: Attempt) -> Any:
+        """Shape the request for one attempt; returns what ``_restore`` needs.
+
+        The URL keeps naming the service: the endpoint's transport connects to the endpoint
+        whatever the URL says, so neither the Host header nor the URL need rewriting."""
+        saved = (request.url, request.extensions.get("timeout"), request.headers)
+        if attempt.path is not None:
+            request.url = request.url.copy_with(raw_path=attempt.path.encode("ascii"))
+        if attempt.headers or attempt.authority:
+            request.headers = httpx.Headers(request.headers)
+            _apply_header_ops(request.headers, attempt.headers)
+            if attempt.authority:
+                request.headers["host"] = attempt.authority
+        connect = attempt.cluster.settings.connect_timeout
+        timeout = attempt.timeout
+        request.extensions["timeout"] = {
+            "connect": connect if timeout is None else min(connect, timeout),
+            "read": timeout,
+            "write": timeout,
+            "pool": timeout,
+        }
+        return saved
+
+    @staticmethod
+    def _restore(request: httpx.Request, saved: Any) -> None:
+        url, timeout, headers = saved
+        request.url = url
+        request.headers = headers
+        if timeout is None:
+            request.extensions.pop("timeout", None)
+        else:
+            request.extensions["timeout"] = timeout
+
+    @staticmethod
+    def _finish_response(
+        response: httpx.Response, call: Call, attempt: Attempt, request: httpx.Request
+    ) -> httpx.Response:
+        _apply_header_ops(response.headers, call.response_headers(attempt))
+        if call.cookie is not None:
+            response.headers.setdefault("set-cookie", call.cookie[1])
+        response.request = request
+        response.extensions = {
+            **response.extensions,
+            "libmesh": MeshInfo(
+                ",".join(call.flags) or "-",
+                call.attempts,
+                call.decision.route_name,
+                attempt.cluster.name,
+                attempt.host.key,
+            ),
+        }
+        return response
+
+    @staticmethod
+    def _error(step: Fail, call: Call, request: httpx.Request) -> Exception:
+        flags = ",".join(call.flags)
+        message = (
+            f"{step.message} ({flags}; {call.attempts} attempt{'s' if call.attempts != 1 else ''})"
+        )
+        cls = {"connect": UpstreamConnectError, "timeout": UpstreamTimeout}.get(
+            step.kind, UpstreamReset
+        )
+        return cls(message, request=request, response_flags=flags, attempts=call.attempts)
+
+    @staticmethod
+    def _mirror_request(request: httpx.Request) -> httpx.Request:
+        authority = request.headers.get("host", "")
+        name, _, port = authority.partition(":")
+        headers = httpx.Headers(request.headers)
+        headers["host"] = f"{name}-shadow" + (f":{port}" if port else "")
+        return httpx.Request(request.method, request.url, headers=headers, content=request.content)
+
+
+# -- endpoint transports ------------------------------------------------------------------------
+
+
+class _ToEndpoint(httpcore.NetworkBackend):
+    """Connects to one endpoint, whatever host the request names."""
+
+    def __init__(self, backend: httpcore.NetworkBackend, host: Host) -> None:
+        self._backend = backend
+        self._address = host.address
+        self._port = host.port
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        return self._backend.connect_tcp(
+            self._address, self._port, timeout, local_address, socket_options
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        return self._backend.connect_unix_socket(path, timeout, socket_options)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _AsyncToEndpoint(httpcore.AsyncNetworkBackend):
+    def __init__(self, backend: httpcore.AsyncNetworkBackend, host: Host) -> None:
+        self._backend = backend
+        self._address = host.address
+        self._port = host.port
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._backend.connect_tcp(
+            self._address, self._port, timeout, local_address, socket_options
+        )
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._backend.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class _EndpointTransport(httpx.HTTPTransport):
+    """A real httpx transport whose connections all go to one endpoint. Requests keep the
+    service's URL (and so its Host header); only the socket goes to the endpoint."""
+
+    def __init__(self, host: Host, **options: Any) -> None:
+        super().__init__(uds=host.uds, **options)
+        if host.uds is None:
+            pool = self._pool
+            pool._network_backend = _ToEndpoint(pool._network_backend, host)
+
+
+class _AsyncEndpointTransport(httpx.AsyncHTTPTransport):
+    def __init__(self, host: Host, **options: Any) -> None:
+        super().__init__(uds=host.uds, **options)
+        if host.uds is None:
+            pool = self._pool
+            pool._network_backend = _AsyncToEndpoint(pool._network_backend, host)
+
+
+# -- sync ----------------------------------------------------------------------------------------
+
+
+class _FinishingStream(httpx.SyncByteStream):
+    def __init__(self, stream: httpx.SyncByteStream, done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[], None] | None = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._stream
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            if self._done is not None:
+                done, self._done = self._done, None
+                done()
+
+
+class MeshTransport(httpx.BaseTransport):
+    """A sync httpx transport that applies the mesh's routing and resilience policies."""
+
+    def __init__(self, source: EngineSource, **transport_options: Any) -> None:
+        self._base = _Base(source)
+        self._options = transport_options
+        self._endpoints: dict[tuple[str, str], _EndpointTransport] = {}
+        self._passthrough = httpx.HTTPTransport(**transport_options)
+        self._mirrors: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _endpoint(self, cluster: ClusterState, host: Host) -> _EndpointTransport:
+        key = (cluster.name, host.key)
+        transport = self._endpoints.get(key)
+        if transport is None:
+            with self._lock:
+                transport = self._endpoints.get(key)
+                if transport is None:
+                    transport = self._endpoints[key] = _EndpointTransport(
+                        host, **_endpoint_options(cluster, self._options)
+                    )
+        return transport
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        engine = self._base._source.engine
+        started = engine.start(request.url.host, request.url.port, _request_info(request))
+        if started is None:
+            return self._passthrough.handle_request(request)
+        if isinstance(started, LocalReply):
+            return _local_response(started, request)
+        call = started
+        call.replayable = _is_replayable(request)
+        if call.delay:
+            _sleep(call.delay)
+        if call.abort is not None:
+            return _local_response(call.abort, request)
+        if call.replayable and call.decision.mirrors:
+            self._send_mirrors(call, request)
+        while True:
+            step: Any = call.next()
+            while isinstance(step, Attempt):
+                step = self._try(call, step, request)
+                if isinstance(step, httpx.Response):
+                    return step
+            if isinstance(step, Backoff):
+                _sleep(step.seconds)
+                continue
+            if isinstance(step, LocalReply):
+                return _local_response(step, request)
+            if isinstance(step, Fail):
+                raise self._base._error(step, call, request)
+            raise AssertionError(step)  # pragma: no cover
+
+    def _try(self, call: Call, attempt: Attempt, request: httpx.Request) -> Any:
+        transport = self._endpoint(attempt.cluster, attempt.host)
+        saved = self._base._prepare(request, attempt)
+        try:
+            response = transport.handle_request(request)
+        except httpx.TransportError as exc:
+            return call.failed(attempt, _failure_of(exc))
+        finally:
+            self._base._restore(request, saved)
+        step = call.responded(
+            attempt, response.status_code, response.headers, _grpc_status(response)
+        )
+        if isinstance(step, Deliver):
+            response.stream = _FinishingStream(
+                response.stream,  # type: ignore[arg-type]
+                lambda: call.finish(attempt),
+            )
+            return self._base._finish_response(response, call, attempt, request)
+        with contextlib.suppress(httpx.HTTPError):
+            response.read()
+        response.close()
+        return step
+
+    def _send_mirrors(self, call: Call, request: httpx.Request) -> None:
+        targets = call.mirrors()
+        if not targets:
+            return
+        if self._mirrors is None:
+            with self._lock:
+                if self._mirrors is None:
+                    self._mirrors = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=4, thread_name_prefix="libmesh-mirror"
+                    )
+        for cluster, host in targets:
+            shadow = self._base._mirror_request(request)
+            self._mirrors.submit(self._mirror, self._endpoint(cluster, host), shadow)
+
+    @staticmethod
+    def _mirror(transport: httpx.BaseTransport, request: httpx.Request) -> None:
+        try:
+            response = transport.handle_request(request)
+            response.read()
+            response.close()
+        except Exception:  # a mirror must never affect the real request
+            logger.debug("mirror request to %s failed", request.url, exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, {}
+            mirrors, self._mirrors = self._mirrors, None
+        for transport in endpoints.values():
+            transport.close()
+        self._passthrough.close()
+        if mirrors is not None:
+            mirrors.shutdown(wait=False)
+
+
+def _sleep(seconds: float) -> None:
+    if seconds > 0 and not is_testing():
+        time.sleep(seconds)
+
+
+def _endpoint_options(cluster: ClusterState, options: dict[str, Any]) -> dict[str, Any]:
+    settings = cluster.settings
+    limits = cluster.breaker.limits
+    per_host = limits.per_host_max_connections or limits.max_connections
+    keepalive = settings.idle_timeout if settings.idle_timeout is not None else 5.0
+    merged = {k: v for k, v in options.items() if k not in ("limits", "uds")}
+    merged["limits"] = httpx.Limits(
+        max_connections=min(per_host, 10_000),
+        max_keepalive_connections=min(per_host, 100),
+        keepalive_expiry=keepalive,
+    )
+    return merged
+
+
+# -- async ---------------------------------------------------------------------------------------
+
+
+class _AsyncFinishingStream(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[], None] | None = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._done is not None:
+                done, self._done = self._done, None
+                done()
+
+
+class AsyncMeshTransport(httpx.AsyncBaseTransport):
+    """The asyncio twin of :class:`MeshTransport`."""
+
+    def __init__(self, source: EngineSource, **transport_options: Any) -> None:
+        self._base = _Base(source)
+        self._options = transport_options
+        self._endpoints: dict[tuple[str, str], _AsyncEndpointTransport] = {}
+        self._passthrough = httpx.AsyncHTTPTransport(**transport_options)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _endpoint(self, cluster: ClusterState, host: Host) -> _AsyncEndpointTransport:
+        key = (cluster.name, host.key)
+        transport = self._endpoints.get(key)
+        if transport is None:
+            transport = self._endpoints[key] = _AsyncEndpointTransport(
+                host, **_endpoint_options(cluster, self._options)
+            )
+        return transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        engine = self._base._source.engine
+        started = engine.start(request.url.host, request.url.port, _request_info(request))
+        if started is None:
+            return await self._passthrough.handle_async_request(request)
+        if isinstance(started, LocalReply):
+            return _local_response(started, request)
+        call = started
+        call.replayable = _is_replayable(request)
+        if call.delay:
+            await _asleep(call.delay)
+        if call.abort is not None:
+            return _local_response(call.abort, request)
+        if call.replayable and call.decision.mirrors:
+            self._send_mirrors(call, request)
+        while True:
+            step: Any = call.next()
+            while isinstance(step, Attempt):
+                step = await self._try(call, step, request)
+                if isinstance(step, httpx.Response):
+                    return step
+            if isinstance(step, Backoff):
+                await _asleep(step.seconds)
+                continue
+            if isinstance(step, LocalReply):
+                return _local_response(step, request)
+            if isinstance(step, Fail):
+                raise self._base._error(step, call, request)
+            raise AssertionError(step)  # pragma: no cover
+
+    async def _try(self, call: Call, attempt: Attempt, request: httpx.Request) -> Any:
+        transport = self._endpoint(attempt.cluster, attempt.host)
+        saved = self._base._prepare(request, attempt)
+        try:
+            response = await transport.handle_async_request(request)
+        except httpx.TransportError as exc:
+            return call.failed(attempt, _failure_of(exc))
+        finally:
+            self._base._restore(request, saved)
+        step = call.responded(
+            attempt, response.status_code, response.headers, _grpc_status(response)
+        )
+        if isinstance(step, Deliver):
+            response.stream = _AsyncFinishingStream(
+                response.stream,  # type: ignore[arg-type]
+                lambda: call.finish(attempt),
+            )
+            return self._base._finish_response(response, call, attempt, request)
+        with contextlib.suppress(httpx.HTTPError):
+            await response.aread()
+        await response.aclose()
+        return step
+
+    def _send_mirrors(self, call: Call, request: httpx.Request) -> None:
+        for cluster, host in call.mirrors():
+            shadow = self._base._mirror_request(request)
+            task = asyncio.ensure_future(self._mirror(self._endpoint(cluster, host), shadow))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _mirror(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> None:
+        try:
+            response = await transport.handle_async_request(request)
+            await response.aread()
+            await response.aclose()
+        except Exception:  # a mirror must never affect the real request
+            logger.debug("mirror request to %s failed", request.url, exc_info=True)
+
+    async def aclose(self) -> None:
+        endpoints, self._endpoints = self._endpoints, {}
+        for transport in endpoints.values():
+            await transport.aclose()
+        await self._passthrough.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def _asleep(seconds: float) -> None:
+    if seconds > 0 and not is_testing():
+        await asyncio.sleep(seconds)
