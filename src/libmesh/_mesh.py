@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -80,18 +82,21 @@ class Mesh:
         service_account: str | None = None,
         watch: bool = True,
         poll_interval: float = 1.0,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
     ) -> Mesh:
         """A mesh configured from YAML files or directories (read recursively).
 
         Raises :class:`ConfigError` when the configuration has errors: a process should not
         start on configuration it would misapply. With ``watch`` (the default), a background
         thread re-reads the files when they change; a change with errors is reported in the
-        log and ignored, and the last good configuration keeps serving.
+        log and ignored, and the last good configuration keeps serving. ``clock`` (monotonic
+        seconds) and ``rng`` replace time and randomness, for tests.
         """
         node = node_from_environment(
             namespace=namespace, labels=labels, locality=locality, service_account=service_account
         )
-        mesh = cls(Engine(), node)
+        mesh = cls(Engine(clock=clock or time.monotonic, rng=rng), node)
         mesh._paths = tuple(os.fspath(p) for p in paths)
         result = mesh.reload()
         if not result.ok:

@@ -34,7 +34,6 @@ _USABLE = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN, health_check_pb2.
 class Admission(enum.Enum):
     OK = "ok"
     OVERFLOW = "overflow"  # 503 UO: a circuit-breaker limit is reached
-    RETRY_OVERFLOW = "retry overflow"  # the retry is not made (max_retries or the budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,19 +119,30 @@ class Breaker:
         self.retries = 0
         self._lock = threading.Lock()
 
-    def admit(self, host: Host, *, retry: bool) -> Admission:
+    def reserve_retry(self) -> bool:
+        """Take one of the cluster's concurrent retries, if ``max_retries`` or the retry budget
+        (a share of the active requests, with a minimum) allows one more."""
         limits = self.limits
         with self._lock:
-            if retry:
-                if limits.budget_percent is not None:
-                    allowed = max(
-                        limits.min_retry_concurrency,
-                        int(limits.budget_percent / 100.0 * self.calls),
-                    )
-                else:
-                    allowed = limits.max_retries
-                if self.retries >= allowed:
-                    return Admission.RETRY_OVERFLOW
+            if limits.budget_percent is not None:
+                allowed = max(
+                    limits.min_retry_concurrency, int(limits.budget_percent / 100.0 * self.calls)
+                )
+            else:
+                allowed = limits.max_retries
+            if self.retries >= allowed:
+                return False
+            self.retries += 1
+            return True
+
+    def release_retry(self) -> None:
+        with self._lock:
+            self.retries -= 1
+
+    def admit(self, host: Host) -> Admission:
+        """Admit one attempt to ``host``, or overflow as Envoy's connection pool would."""
+        limits = self.limits
+        with self._lock:
             if self.in_flight >= limits.max_requests:
                 return Admission.OVERFLOW
             if self.in_flight >= limits.max_connections + limits.max_pending_requests:
@@ -140,16 +150,12 @@ class Breaker:
             self.in_flight += 1
             host.active += 1
             host.requests += 1
-            if retry:
-                self.retries += 1
             return Admission.OK
 
-    def release(self, host: Host, *, retry: bool) -> None:
+    def release(self, host: Host) -> None:
         with self._lock:
             self.in_flight -= 1
             host.active -= 1
-            if retry:
-                self.retries -= 1
 
     def begin_call(self) -> None:
         with self._lock:

@@ -87,12 +87,13 @@ class Call:
     """One request through the mesh. Not thread-safe: one transport call drives it."""
 
     __slots__ = (
+        "_cluster",
         "_deadline",
         "_engine",
         "_hash",
         "_outstanding",
-        "_picked_cluster",
         "_retries_left",
+        "_retry_reserved",
         "_tried",
         "abort",
         "attempts",
@@ -119,7 +120,8 @@ class Call:
         self.flags: list[str] = []
         self.replayable = True
         self.cookie: tuple[str, str] | None = None  # (name, Set-Cookie value) to add
-        self._picked_cluster: str | None = None
+        self._cluster: ClusterState | None = None
+        self._retry_reserved = False
         self._hash = self._hash_key()
         self.delay, self.abort = self._fault()
 
@@ -195,11 +197,14 @@ class Call:
         now = engine.clock()
         if self._deadline is not None and now >= self._deadline:
             return self._timed_out()
-        cluster_name = self.decision.picker.pick()
-        cluster = engine.cluster(cluster_name)
+        cluster = self._cluster
         if cluster is None:
-            self.flags.append("NC")
-            return LocalReply(503, b"no cluster found", flags="NC")
+            # The cluster is chosen once per request: retries stay within it, as in Envoy.
+            cluster = engine.cluster(self.decision.picker.pick())
+            if cluster is None:
+                return self._local(LocalReply(503, b"no cluster found", flags="NC"))
+            self._cluster = cluster
+            cluster.breaker.begin_call()
         retry = self.attempts > 0
         if cluster.kind is ClusterKind.ORIGINAL_DESTINATION:
             address, _, port = self.request.authority.rpartition(":")
@@ -215,24 +220,15 @@ class Call:
                 policy.host_selection_attempts if (policy is not None and avoid) else 1,
             )
         if host is None:
-            self.flags.append("UH")
-            return LocalReply(503, b"no healthy upstream", flags="UH")
-        admission = cluster.breaker.admit(host, retry=retry)
-        if admission is Admission.OVERFLOW:
+            return self._local(LocalReply(503, b"no healthy upstream", flags="UH"))
+        if cluster.breaker.admit(host) is Admission.OVERFLOW:
             cluster.stats.upstream_rq_pending_overflow += 1
-            self.flags.append("UO")
-            return LocalReply(
-                503,
-                _OVERFLOW_BODY,
-                headers=(("x-envoy-overloaded", "true"),),
-                flags="UO",
+            return self._local(
+                LocalReply(
+                    503, _OVERFLOW_BODY, headers=(("x-envoy-overloaded", "true"),), flags="UO"
+                )
             )
-        if admission is Admission.RETRY_OVERFLOW:  # pragma: no cover - checked before backoff
-            cluster.stats.upstream_rq_retry_overflow += 1
-            return Fail("connect", "URX", "retry budget exhausted")
-        if self.attempts == 0:
-            cluster.breaker.begin_call()
-        self._picked_cluster = cluster.name
+        self._retry_reserved = False  # the attempt now holds the retry it was given
         self.attempts += 1
         self._outstanding += 1
         self._tried.add(host.key)
@@ -257,11 +253,18 @@ class Call:
             headers=self.decision.request_headers.merged(request_ops),
         )
 
+    def _local(self, reply: LocalReply) -> LocalReply:
+        self.flags.append(reply.flags)
+        self._end()
+        return reply
+
     def _rewritten_path(self) -> str | None:
         decision = self.decision
         path = self.request.path
-        if decision.prefix_rewrite is not None and decision.matched_prefix is not None:
-            path = decision.prefix_rewrite + path[len(decision.matched_prefix) :]
+        if decision.prefix_rewrite is not None:
+            # Envoy replaces the matched prefix; for exact and regex matches, the whole path.
+            matched = len(decision.matched_prefix) if decision.matched_prefix is not None else None
+            path = decision.prefix_rewrite + (path[matched:] if matched is not None else "")
             if not path.startswith("/"):
                 path = "/" + path
         elif decision.regex_rewrite is not None:
@@ -338,13 +341,11 @@ class Call:
         if self._retries_left <= 0 or not self.replayable:
             return None
         cluster = attempt.cluster
-        limits = cluster.breaker
-        # Check the retry budget before giving up the attempt's own slot.
-        admission = limits.admit(attempt.host, retry=True)
-        if admission is not Admission.OK:
+        if not cluster.breaker.reserve_retry():
+            # max_retries or the retry budget: the failure stands, the upstream is spared.
             cluster.stats.upstream_rq_retry_overflow += 1
             return None
-        limits.release(attempt.host, retry=True)
+        self._retry_reserved = True
         self._retries_left -= 1
         self._release(attempt)
         delay = policy.backoff(self.attempts, self._engine.rng)
@@ -353,15 +354,19 @@ class Call:
         return Backoff(delay)
 
     def _release(self, attempt: Attempt) -> None:
-        attempt.cluster.breaker.release(attempt.host, retry=attempt.retry)
+        breaker = attempt.cluster.breaker
+        breaker.release(attempt.host)
+        if attempt.retry:
+            breaker.release_retry()
         self._outstanding -= 1
 
     def _end(self) -> None:
-        if self._picked_cluster is not None:
-            cluster = self._engine.cluster(self._picked_cluster)
-            if cluster is not None:
-                cluster.breaker.end_call()
-            self._picked_cluster = None
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            if self._retry_reserved:
+                cluster.breaker.release_retry()
+                self._retry_reserved = False
+            cluster.breaker.end_call()
 
     def finish(self, attempt: Attempt) -> None:
         """The delivered response has been read or closed: free its slot."""
