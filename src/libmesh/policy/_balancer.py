@@ -9,6 +9,7 @@ import hashlib
 import random
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -87,22 +88,26 @@ class BalancerConfig:
 
 
 class _SmoothRoundRobin:
-    """Weighted round robin with even interleaving, over a changing set of candidates."""
+    """Weighted round robin with even interleaving, over a changing set of candidates whose
+    weights may change between picks (as least request's do)."""
 
     def __init__(self) -> None:
-        self._current: dict[str, int] = {}
+        self._current: dict[str, float] = {}
 
-    def pick(self, candidates: Sequence[Host]) -> Host:
-        total = 0
-        best: Host | None = None
-        best_value = 0
+    def pick(
+        self, candidates: Sequence[Any], weight: Callable[[Any], float] = lambda h: h.weight
+    ) -> Any:
+        total = 0.0
+        best = None
+        best_value = 0.0
         current = self._current
-        for host in candidates:
-            value = current.get(host.key, 0) + host.weight
-            current[host.key] = value
-            total += host.weight
+        for candidate in candidates:
+            w = weight(candidate)
+            value = current.get(candidate.key, 0.0) + w
+            current[candidate.key] = value
+            total += w
             if best is None or value > best_value:
-                best, best_value = host, value
+                best, best_value = candidate, value
         assert best is not None
         current[best.key] = best_value - total
         return best
@@ -155,57 +160,79 @@ class Balancer:
 
     def _pick_once(self, key: int | None) -> Host | None:
         with self._lock:
-            level = self._choose_level()
+            level, total_health = self._choose_level()
             if not level:
                 return None
-            candidates = [h for h in level if h.available]
-            if 100.0 * len(candidates) / len(level) < self.config.panic_threshold:
-                candidates = level  # panic: route to every host, healthy or not
+            available = [h for h in level if h.available]
+            # Envoy: a level panics (routes to all its hosts, healthy or not) when its health
+            # is below the threshold, unless the levels together are fully available.
+            panic = (
+                total_health < 100
+                and 100.0 * len(available) / len(level) < self.config.panic_threshold
+            )
+            candidates = level if panic else available
             if not candidates:
                 return None  # no healthy upstream, and panic mode is off
             if self.config.locality_weighted:
-                candidates = self._choose_locality(candidates)
+                candidates = self._choose_locality(level, candidates, panic)
             return self._choose_host(candidates, key)
 
-    def _choose_level(self) -> list[Host]:
-        if not self._levels:
-            return []
-        if len(self._levels) == 1:
-            return self._levels[0]
-        health = []
-        for level in self._levels:
-            healthy = sum(1 for h in level if h.available)
-            health.append(min(100.0, OVERPROVISIONING * 100.0 * healthy / len(level)))
+    def _choose_level(self) -> tuple[list[Host], float]:
+        """A priority level by Envoy's priority load, and the levels' total health."""
+        levels = self._levels
+        if not levels:
+            return [], 0.0
+        health = [
+            min(100.0, OVERPROVISIONING * 100.0 * sum(1 for h in level if h.available) / len(level))
+            for level in levels
+        ]
         total = sum(health)
+        if len(levels) == 1:
+            return levels[0], min(total, 100.0)
         if total == 0:
-            return self._levels[0]
-        loads = []
-        remaining = 100.0
-        for value in health:
-            share = value * 100.0 / total if total < 100 else min(remaining, value)
-            loads.append(share)
-            remaining -= share
+            loads = [float(len(level)) for level in levels]  # total panic: by host count
+        elif total < 100:
+            loads = health  # normalised below by their sum
+        else:
+            loads, remaining = [], 100.0
+            for value in health:
+                share = min(remaining, value)
+                loads.append(share)
+                remaining -= share
         point = self._rng.random() * sum(loads)
-        for level, load in zip(self._levels, loads, strict=True):
+        for level, load in zip(levels, loads, strict=True):
             if point < load:
-                return level
+                return level, min(total, 100.0)
             point -= load
-        return self._levels[-1]
+        return levels[-1], min(total, 100.0)
 
-    def _choose_locality(self, candidates: list[Host]) -> list[Host]:
+    def _choose_locality(
+        self, level: list[Host], candidates: list[Host], panic: bool
+    ) -> list[Host]:
         groups: dict[str, list[Host]] = {}
         for host in candidates:
             groups.setdefault(host.locality, []).append(host)
         if len(groups) == 1:
             return candidates
+        sizes: dict[str, int] = {}
+        for host in level:
+            sizes[host.locality] = sizes.get(host.locality, 0) + 1
         weights = self.config.locality_weights
+
+        def effective(group: _LocalityHost) -> float:
+            # Envoy: a locality's weight scales with its availability (overprovisioned).
+            if panic:
+                return group.weight
+            availability = len(groups[group.key]) / sizes[group.key]
+            return group.weight * min(1.0, OVERPROVISIONING * availability)
+
         pseudo = [
             _LocalityHost(name, weights.get(name, 1)) for name in sorted(groups)
             if weights.get(name, 1) > 0
         ]  # fmt: skip
         if not pseudo:
             return candidates
-        chosen = self._locality_rr.pick(pseudo)  # type: ignore[arg-type]
+        chosen = self._locality_rr.pick(pseudo, effective)
         return groups[chosen.key]
 
     def _choose_host(self, candidates: list[Host], key: int | None) -> Host:
@@ -224,14 +251,14 @@ class Balancer:
             cluster_pb2.Cluster.MAGLEV,
         ):
             return self._weighted_random(candidates)
-        return self._round_robin.pick(candidates)
+        picked: Host = self._round_robin.pick(candidates)
+        return picked
 
     def _least_request(self, candidates: list[Host]) -> Host:
         if len({h.weight for h in candidates}) > 1:
-            # Envoy's weighted least request: weight / (active + 1), chosen at random.
-            scored = [(h.weight / (h.active + 1), h) for h in candidates]
-            best = max(score for score, _ in scored)
-            return self._rng.choice([h for score, h in scored if score == best])
+            # Envoy's weighted least request: hosts scheduled by weight / (active + 1).
+            chosen: Host = self._round_robin.pick(candidates, lambda h: h.weight / (h.active + 1))
+            return chosen
         first, second = self._rng.sample(candidates, 2)
         return first if first.active <= second.active else second
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import health_check_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.outlier_detection_monitors.consecutive_errors.v3 import (
     consecutive_errors_pb2,
@@ -52,8 +52,9 @@ class Limits:
     @classmethod
     def of(cls, cluster: cluster_pb2.Cluster) -> Limits:
         breakers = cluster.circuit_breakers
-        thresholds = next(iter(breakers.thresholds), None)
-        per_host = next(iter(breakers.per_host_thresholds), None)
+        default = base_pb2.RoutingPriority.DEFAULT
+        thresholds = next((t for t in breakers.thresholds if t.priority == default), None)
+        per_host = next((t for t in breakers.per_host_thresholds if t.priority == default), None)
         limits = cls()
         if thresholds is not None:
             budget = thresholds.retry_budget if thresholds.HasField("retry_budget") else None

@@ -174,6 +174,10 @@ class HostMonitor:
 
 EjectCallback = Callable[[object, str, bool], None]
 
+# Intervals to catch up on after a quiet spell; more would change nothing (multipliers are
+# small, and windows empty after two intervals).
+_CATCH_UP = 64
+
 
 class OutlierDetector:
     """The outlier detector of one cluster. Hosts are any hashable objects with a ``monitor``
@@ -293,10 +297,10 @@ class OutlierDetector:
         if self._on_change is not None:
             self._on_change(host, reason, True)
 
-    def _uneject(self, host: object) -> None:
+    def _uneject(self, host: object, at: float) -> None:
         m = _monitor(host)
         m.ejected = False
-        m.unejected_at = self._clock()
+        m.unejected_at = at
         m.reset_consecutive()
         self._ejected -= 1
         if self._on_change is not None:
@@ -310,26 +314,38 @@ class OutlierDetector:
     # the interval -----------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Run the interval work if an interval has passed since it last ran."""
+        """Run the interval work for every interval that has passed since it last ran.
+
+        Envoy runs it on a timer; here it runs on the next report or pick, catching up on
+        the intervals a quiet spell skipped (each one returns hosts and decays multipliers).
+        """
         now = self._clock()
         if now < self._next_interval:
             return
-        self._next_interval = now + self.config.interval
+        interval = self.config.interval
+        missed = int((now - self._next_interval) // interval) + 1
+        first = self._next_interval + max(0, missed - _CATCH_UP) * interval
+        self._next_interval += missed * interval
+        for i in range(min(missed, _CATCH_UP)):
+            self._interval(first + i * interval, statistics=i == min(missed, _CATCH_UP) - 1)
+
+    def _interval(self, at: float, *, statistics: bool) -> None:
         for host in self._hosts:
             m = _monitor(host)
-            if m.ejected and now - m.ejected_at >= self.ejection_time(host):
-                self._uneject(host)
+            if m.ejected and at - m.ejected_at >= self.ejection_time(host):
+                self._uneject(host, at)
             m.external.roll()
             m.local.roll()
-        self._statistical_ejections(external=True)
-        if self.config.split_external_local_origin_errors:
-            self._statistical_ejections(external=False)
+        if statistics:
+            self._statistical_ejections(external=True)
+            if self.config.split_external_local_origin_errors:
+                self._statistical_ejections(external=False)
         for host in self._hosts:
             m = _monitor(host)
             if (
                 not m.ejected
                 and m.unejected_at is not None
-                and now - m.unejected_at >= self.config.interval
+                and at - m.unejected_at >= self.config.interval
                 and m.multiplier > 0
             ):
                 m.multiplier -= 1

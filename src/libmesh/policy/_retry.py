@@ -104,6 +104,9 @@ class RetryPolicy:
     ) -> bool:
         """Whether a response with this status (and headers) is worth another attempt."""
         on = self.retry_on
+        if headers.get("x-envoy-ratelimited") is not None:
+            # An upstream Envoy rate-limited us: only envoy-ratelimited retries that.
+            return "envoy-ratelimited" in on
         if "5xx" in on and 500 <= status <= 599:
             return True
         if "gateway-error" in on and status in (502, 503, 504):
@@ -111,8 +114,6 @@ class RetryPolicy:
         if "retriable-4xx" in on and status == 409:
             return True
         if "retriable-status-codes" in on and status in self.retriable_status_codes:
-            return True
-        if "envoy-ratelimited" in on and headers.get("x-envoy-ratelimited") is not None:
             return True
         if "retriable-headers" in on and any(h.matches(headers) for h in self.retriable_headers):
             return True
@@ -123,10 +124,8 @@ class RetryPolicy:
     def retries_failure(self, failure: Failure) -> bool:
         """Whether an attempt that got no response is worth another attempt."""
         on = self.retry_on
-        if failure is Failure.TIMEOUT:
-            # Envoy treats a per-try timeout as a 504 from the upstream.
-            return self.retries_status(504, {})
         if on & {"5xx", "gateway-error", "reset"}:
+            # A per-try timeout is a local reset in Envoy: these three retry it.
             return True
         if failure is Failure.CONNECT_FAILURE:
             return bool(on & {"connect-failure", "reset-before-request"})
