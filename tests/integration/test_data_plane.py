@@ -321,6 +321,50 @@ def test_a_per_try_timeout_retries_within_the_route_timeout(
     assert time.monotonic() - started < 1.0
 
 
+def test_hedging_races_a_second_attempt_and_takes_the_first_answer(
+    start_backends: StartBackends, mesh_dir: MeshDir, connect: Connect
+) -> None:
+    backends = start_backends(2)
+    backends.behave(0, delay=0.3)
+    backends.behave(1, delay=0.8)
+    path = mesh_dir(
+        service("reviews", "shop", backends.ports),
+        """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews, namespace: shop}
+        spec:
+          host: reviews
+          trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews
+          namespace: shop
+          annotations: {libmesh.io/hedge: "onPerTryTimeout=true"}
+        spec:
+          hosts: [reviews]
+          http:
+          - route: [{destination: {host: reviews}}]
+            timeout: 3s
+            retries: {attempts: 1, perTryTimeout: 100ms, retryOn: 5xx}
+        """,
+    )
+    caller = connect(mesh_of(path))
+
+    started = time.monotonic()
+    response = caller.get(URL + "/x")
+    elapsed = time.monotonic() - started
+
+    # The first attempt (0.3 s) outlived the per-try timeout, a hedge (0.8 s) raced it, and
+    # the first answer won: without hedging the retry would have answered after 0.9 s.
+    assert instance(response) == "instance-0"
+    assert response.extensions["libmesh"].attempts == 2
+    assert 0.25 < elapsed < 0.7
+    assert backends.requests(1) == 1
+
+
 def test_the_retry_budget_caps_extra_load_when_every_attempt_fails(
     start_backends: StartBackends, mesh_dir: MeshDir, connect: Connect
 ) -> None:

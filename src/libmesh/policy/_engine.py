@@ -205,6 +205,11 @@ class Call:
                 return self._local(LocalReply(503, b"no cluster found", flags="NC"))
             self._cluster = cluster
             cluster.breaker.begin_call()
+        step = self._attempt(cluster, now)
+        return self._local(step) if isinstance(step, LocalReply) else step
+
+    def _attempt(self, cluster: ClusterState, now: float) -> Attempt | LocalReply:
+        """Pick a host and admit an attempt to it, or say why not (without ending the call)."""
         retry = self.attempts > 0
         if cluster.kind is ClusterKind.ORIGINAL_DESTINATION:
             address, _, port = self.request.authority.rpartition(":")
@@ -220,13 +225,11 @@ class Call:
                 policy.host_selection_attempts if (policy is not None and avoid) else 1,
             )
         if host is None:
-            return self._local(LocalReply(503, b"no healthy upstream", flags="UH"))
+            return LocalReply(503, b"no healthy upstream", flags="UH")
         if cluster.breaker.admit(host) is Admission.OVERFLOW:
             cluster.stats.upstream_rq_pending_overflow += 1
-            return self._local(
-                LocalReply(
-                    503, _OVERFLOW_BODY, headers=(("x-envoy-overloaded", "true"),), flags="UO"
-                )
+            return LocalReply(
+                503, _OVERFLOW_BODY, headers=(("x-envoy-overloaded", "true"),), flags="UO"
             )
         self._retry_reserved = False  # the attempt now holds the retry it was given
         self.attempts += 1
@@ -239,6 +242,8 @@ class Call:
             stats.upstream_rq_retry += 1
         per_try = self.decision.retry.per_try_timeout if self.decision.retry else None
         remaining = self._deadline - now if self._deadline is not None else None
+        if self.hedging:
+            per_try = None  # the transport's hedge timer fires instead; the attempt runs on
         timeout, is_per_try = _earliest(per_try, remaining)
         request_ops, _ = self.decision.cluster_headers.get(cluster.name, (HeaderOps(), HeaderOps()))
         return Attempt(
@@ -252,6 +257,50 @@ class Call:
             authority=self.decision.host_rewrite,
             headers=self.decision.request_headers.merged(request_ops),
         )
+
+    # hedging -----------------------------------------------------------------------------------
+
+    @property
+    def hedging(self) -> bool:
+        """Whether a per-try timeout starts another attempt beside the slow one (Envoy's
+        ``hedge_on_per_try_timeout``) instead of abandoning it."""
+        retry = self.decision.retry
+        return (
+            self.decision.hedge_on_per_try_timeout
+            and retry is not None
+            and retry.per_try_timeout is not None
+            and self.replayable
+        )
+
+    @property
+    def hedge_delay(self) -> float | None:
+        """How long to wait for an attempt before hedging it."""
+        retry = self.decision.retry
+        return retry.per_try_timeout if retry is not None else None
+
+    def hedge(self) -> Attempt | None:
+        """Another attempt to race the outstanding ones, if retries and limits allow one."""
+        if self._retries_left <= 0 or self._cluster is None:
+            return None
+        if not self._cluster.breaker.reserve_retry():
+            self._cluster.stats.upstream_rq_retry_overflow += 1
+            return None
+        self._retry_reserved = True
+        self._retries_left -= 1
+        step = self._attempt(self._cluster, self._engine.clock())
+        if isinstance(step, Attempt):
+            return step
+        self._cluster.breaker.release_retry()  # no host for a hedge: the others race on
+        self._retry_reserved = False
+        return None
+
+    def abandon(self, attempt: Attempt) -> None:
+        """A raced attempt lost (or failed while another is still running): free its slot."""
+        self._release(attempt)
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
 
     def _local(self, reply: LocalReply) -> LocalReply:
         self.flags.append(reply.flags)
@@ -290,14 +339,7 @@ class Call:
         grpc_status: int | None = None,
     ) -> Step:
         """The attempt got response headers: deliver them, or retry."""
-        cluster, host = attempt.cluster, attempt.host
-        if cluster.detector is not None:
-            cluster.detector.report_local_success(host)
-            cluster.detector.report_status(host, status)
-        if status >= 500:
-            cluster.stats.upstream_rq_5xx += 1
-        elif 200 <= status < 300:
-            cluster.stats.upstream_rq_2xx += 1
+        self._observe(attempt, status=status)
         policy = self.decision.retry
         if policy is not None and policy.retries_status(status, headers, grpc_status):
             step = self._maybe_retry(attempt, policy)
@@ -307,14 +349,8 @@ class Call:
 
     def failed(self, attempt: Attempt, failure: Failure) -> Step:
         """The attempt got no response."""
-        cluster, host = attempt.cluster, attempt.host
+        self._observe(attempt, failure=failure)
         timeout = failure is Failure.TIMEOUT
-        if timeout:
-            cluster.stats.upstream_rq_timeout += 1
-        elif failure is Failure.CONNECT_FAILURE:
-            cluster.stats.upstream_cx_connect_fail += 1
-        if cluster.detector is not None:
-            cluster.detector.report_local_failure(host, timeout=timeout)
         if timeout and not attempt.per_try:
             self._release(attempt)
             return self._timed_out()
@@ -336,6 +372,41 @@ class Call:
         self.flags.append(flag)
         kind = "connect" if failure is Failure.CONNECT_FAILURE else "reset"
         return Fail(kind, flag, _FAILURE_MESSAGES[failure])
+
+    def _observe(
+        self, attempt: Attempt, *, status: int | None = None, failure: Failure | None = None
+    ) -> None:
+        """Tell outlier detection and the statistics how an attempt went."""
+        cluster, host = attempt.cluster, attempt.host
+        detector, stats = cluster.detector, cluster.stats
+        if status is not None:
+            if detector is not None:
+                detector.report_local_success(host)
+                detector.report_status(host, status)
+            if status >= 500:
+                stats.upstream_rq_5xx += 1
+            elif 200 <= status < 300:
+                stats.upstream_rq_2xx += 1
+        elif failure is not None:
+            if failure is Failure.TIMEOUT:
+                stats.upstream_rq_timeout += 1
+            elif failure is Failure.CONNECT_FAILURE:
+                stats.upstream_cx_connect_fail += 1
+            if detector is not None:
+                detector.report_local_failure(host, timeout=failure is Failure.TIMEOUT)
+
+    def is_final(self, status: int, headers: Mapping[str, str], grpc_status: int | None) -> bool:
+        """Whether a response ends the call (it would not be retried)."""
+        policy = self.decision.retry
+        return policy is None or not policy.retries_status(status, headers, grpc_status)
+
+    def lost(
+        self, attempt: Attempt, *, status: int | None = None, failure: Failure | None = None
+    ) -> None:
+        """A raced attempt came back with something retriable while others still run: note
+        it, free its slot, and let the others race on."""
+        self._observe(attempt, status=status, failure=failure)
+        self._release(attempt)
 
     def _maybe_retry(self, attempt: Attempt, policy: RetryPolicy) -> Backoff | None:
         if self._retries_left <= 0 or not self.replayable:

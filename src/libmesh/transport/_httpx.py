@@ -197,6 +197,17 @@ class _Base:
         return cls(message, request=request, response_flags=flags, attempts=call.attempts)
 
     @staticmethod
+    def _copy(request: httpx.Request) -> httpx.Request:
+        """An independent request for one of several racing attempts."""
+        return httpx.Request(
+            request.method,
+            request.url,
+            headers=request.headers,
+            content=request.content,
+            extensions=dict(request.extensions),
+        )
+
+    @staticmethod
     def _mirror_request(request: httpx.Request) -> httpx.Request:
         authority = request.headers.get("host", "")
         name, _, port = authority.partition(":")
@@ -312,6 +323,7 @@ class MeshTransport(httpx.BaseTransport):
         self._endpoints: dict[tuple[str, str], _EndpointTransport] = {}
         self._passthrough = httpx.HTTPTransport(**transport_options)
         self._mirrors: concurrent.futures.ThreadPoolExecutor | None = None
+        self._race_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _endpoint(self, cluster: ClusterState, host: Host) -> _EndpointTransport:
@@ -344,7 +356,10 @@ class MeshTransport(httpx.BaseTransport):
         while True:
             step: Any = call.next()
             while isinstance(step, Attempt):
-                step = self._try(call, step, request)
+                if call.hedging:
+                    step = self._race(call, step, request)
+                else:
+                    step = self._try(call, step, request)
                 if isinstance(step, httpx.Response):
                     return step
             if isinstance(step, Backoff):
@@ -374,10 +389,84 @@ class MeshTransport(httpx.BaseTransport):
                 lambda: call.finish(attempt),
             )
             return self._base._finish_response(response, call, attempt, request)
-        with contextlib.suppress(httpx.HTTPError):
-            response.read()
-        response.close()
+        _discard(response)
         return step
+
+    def _race(self, call: Call, first: Attempt, request: httpx.Request) -> Any:
+        """Hedging: each time an attempt outlasts the per-try timeout, another one races it;
+        the first final response wins, the others are abandoned."""
+        pool = self._racers()
+        racing: dict[concurrent.futures.Future[Any], Attempt] = {}
+
+        def launch(attempt: Attempt) -> None:
+            copy = self._base._copy(request)
+            racing[pool.submit(self._send_one, attempt, copy)] = attempt
+
+        launch(first)
+        timer = call.hedge_delay
+        while racing:
+            done, _ = concurrent.futures.wait(
+                racing, timeout=timer, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            if not done:
+                hedge = call.hedge()
+                if hedge is None:
+                    timer = None
+                else:
+                    launch(hedge)
+                continue
+            for future in done:
+                attempt = racing.pop(future)
+                outcome = future.result()
+                if not racing:
+                    return self._settle(call, attempt, outcome, request)
+                if isinstance(outcome, httpx.Response):
+                    status, headers = outcome.status_code, outcome.headers
+                    if call.is_final(status, headers, _grpc_status(outcome)):
+                        for loser_future, loser in racing.items():
+                            loser_future.add_done_callback(_abandon(call, loser))
+                        return self._settle(call, attempt, outcome, request)
+                    _discard(outcome)
+                    call.lost(attempt, status=status)
+                else:
+                    call.lost(attempt, failure=outcome)
+        raise AssertionError("a race ends with a settled attempt")  # pragma: no cover
+
+    def _send_one(self, attempt: Attempt, request: httpx.Request) -> httpx.Response | Failure:
+        transport = self._endpoint(attempt.cluster, attempt.host)
+        self._base._prepare(request, attempt)
+        try:
+            return transport.handle_request(request)
+        except httpx.TransportError as exc:
+            return _failure_of(exc)
+
+    def _settle(
+        self,
+        call: Call,
+        attempt: Attempt,
+        outcome: httpx.Response | Failure,
+        request: httpx.Request,
+    ) -> Any:
+        if not isinstance(outcome, httpx.Response):
+            return call.failed(attempt, outcome)
+        step = call.responded(attempt, outcome.status_code, outcome.headers, _grpc_status(outcome))
+        if isinstance(step, Deliver):
+            outcome.stream = _FinishingStream(
+                outcome.stream,  # type: ignore[arg-type]
+                lambda: call.finish(attempt),
+            )
+            return self._base._finish_response(outcome, call, attempt, request)
+        _discard(outcome)
+        return step
+
+    def _racers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._race_pool is None:
+            with self._lock:
+                if self._race_pool is None:
+                    self._race_pool = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=32, thread_name_prefix="libmesh-hedge"
+                    )
+        return self._race_pool
 
     def _send_mirrors(self, call: Call, request: httpx.Request) -> None:
         targets = call.mirrors()
@@ -405,12 +494,32 @@ class MeshTransport(httpx.BaseTransport):
     def close(self) -> None:
         with self._lock:
             endpoints, self._endpoints = self._endpoints, {}
-            mirrors, self._mirrors = self._mirrors, None
+            pools = [self._mirrors, self._race_pool]
+            self._mirrors = self._race_pool = None
         for transport in endpoints.values():
             transport.close()
         self._passthrough.close()
-        if mirrors is not None:
-            mirrors.shutdown(wait=False)
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=False)
+
+
+def _discard(response: httpx.Response) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        response.read()
+    response.close()
+
+
+def _abandon(call: Call, attempt: Attempt) -> Callable[[concurrent.futures.Future[Any]], None]:
+    """When a losing racer finally returns, drop its response and free its slot."""
+
+    def done(future: concurrent.futures.Future[Any]) -> None:
+        outcome = future.result()
+        if isinstance(outcome, httpx.Response):
+            _discard(outcome)
+        call.abandon(attempt)
+
+    return done
 
 
 def _sleep(seconds: float) -> None:
@@ -490,7 +599,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         while True:
             step: Any = call.next()
             while isinstance(step, Attempt):
-                step = await self._try(call, step, request)
+                if call.hedging:
+                    step = await self._race(call, step, request)
+                else:
+                    step = await self._try(call, step, request)
                 if isinstance(step, httpx.Response):
                     return step
             if isinstance(step, Backoff):
@@ -520,9 +632,75 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 lambda: call.finish(attempt),
             )
             return self._base._finish_response(response, call, attempt, request)
-        with contextlib.suppress(httpx.HTTPError):
-            await response.aread()
-        await response.aclose()
+        await _adiscard(response)
+        return step
+
+    async def _race(self, call: Call, first: Attempt, request: httpx.Request) -> Any:
+        """Hedging, as in the sync twin; losing attempts are cancelled."""
+        racing: dict[asyncio.Task[Any], Attempt] = {}
+
+        def launch(attempt: Attempt) -> None:
+            copy = self._base._copy(request)
+            racing[asyncio.ensure_future(self._send_one(attempt, copy))] = attempt
+
+        launch(first)
+        timer = call.hedge_delay
+        try:
+            while racing:
+                done, _ = await asyncio.wait(
+                    racing, timeout=timer, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    hedge = call.hedge()
+                    if hedge is None:
+                        timer = None
+                    else:
+                        launch(hedge)
+                    continue
+                for task in done:
+                    attempt = racing.pop(task)
+                    outcome = task.result()
+                    if not racing:
+                        return await self._settle(call, attempt, outcome, request)
+                    if isinstance(outcome, httpx.Response):
+                        status, headers = outcome.status_code, outcome.headers
+                        if call.is_final(status, headers, _grpc_status(outcome)):
+                            return await self._settle(call, attempt, outcome, request)
+                        await _adiscard(outcome)
+                        call.lost(attempt, status=status)
+                    else:
+                        call.lost(attempt, failure=outcome)
+            raise AssertionError("a race ends with a settled attempt")  # pragma: no cover
+        finally:
+            for task, loser in racing.items():
+                task.cancel()
+                call.abandon(loser)
+
+    async def _send_one(self, attempt: Attempt, request: httpx.Request) -> httpx.Response | Failure:
+        transport = self._endpoint(attempt.cluster, attempt.host)
+        self._base._prepare(request, attempt)
+        try:
+            return await transport.handle_async_request(request)
+        except httpx.TransportError as exc:
+            return _failure_of(exc)
+
+    async def _settle(
+        self,
+        call: Call,
+        attempt: Attempt,
+        outcome: httpx.Response | Failure,
+        request: httpx.Request,
+    ) -> Any:
+        if not isinstance(outcome, httpx.Response):
+            return call.failed(attempt, outcome)
+        step = call.responded(attempt, outcome.status_code, outcome.headers, _grpc_status(outcome))
+        if isinstance(step, Deliver):
+            outcome.stream = _AsyncFinishingStream(
+                outcome.stream,  # type: ignore[arg-type]
+                lambda: call.finish(attempt),
+            )
+            return self._base._finish_response(outcome, call, attempt, request)
+        await _adiscard(outcome)
         return step
 
     def _send_mirrors(self, call: Call, request: httpx.Request) -> None:
@@ -548,6 +726,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         await self._passthrough.aclose()
         for task in list(self._tasks):
             task.cancel()
+
+
+async def _adiscard(response: httpx.Response) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        await response.aread()
+    await response.aclose()
 
 
 async def _asleep(seconds: float) -> None:
