@@ -195,7 +195,12 @@ class Mesh:
     # what happened -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, ClusterStats]:
-        return {name: cluster.stats for name, cluster in self._engine.clusters.items()}
+        """Counters per cluster, with the requests each endpoint has received."""
+        stats = {}
+        for name, cluster in self._engine.clusters.items():
+            cluster.stats.by_host = {h.key: h.requests for h in cluster.hosts if h.requests}
+            stats[name] = cluster.stats
+        return stats
 
     def ejected_hosts(self) -> dict[str, list[str]]:
         return {

@@ -4,7 +4,7 @@ from ._balancer import Balancer, BalancerConfig, Host, hash_key
 from ._cluster import Admission, Breaker, ClusterState, ClusterStats, Limits
 from ._engine import Attempt, Backoff, Call, Deliver, Engine, Fail, LocalReply
 from ._outlier import EjectionReason, HostMonitor, OutlierConfig, OutlierDetector
-from ._request import RequestInfo
+from ._request import RequestInfo, RequestView
 from ._retry import Failure, RetryPolicy
 from ._routing import RouteTable, WeightedPicker
 
@@ -30,6 +30,7 @@ __all__ = [
     "OutlierConfig",
     "OutlierDetector",
     "RequestInfo",
+    "RequestView",
     "RetryPolicy",
     "RouteTable",
     "WeightedPicker",

@@ -14,7 +14,7 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 
-from ._outlier import HostMonitor
+from ._outlier import Availability, HostMonitor
 
 __all__ = ["Balancer", "BalancerConfig", "Host", "hash_key"]
 
@@ -25,9 +25,9 @@ class Host:
     """One upstream endpoint of a cluster, with the state the policies keep about it."""
 
     __slots__ = (
+        "_healthy",
         "active",
         "address",
-        "healthy",
         "key",
         "labels",
         "locality",
@@ -58,15 +58,25 @@ class Host:
         self.locality = locality
         self.priority = priority
         self.weight = max(weight, 1)
-        self.healthy = healthy
+        self._healthy = healthy
         self.labels = labels or {}
         self.monitor = HostMonitor()
         self.active = 0  # requests in flight
         self.requests = 0  # lifetime attempts
 
     @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        if value != self._healthy:
+            self._healthy = value
+            Availability.changed()
+
+    @property
     def available(self) -> bool:
-        return self.healthy and not self.monitor.ejected
+        return self._healthy and not self.monitor.ejected
 
     def __repr__(self) -> str:
         return f"Host({self.key}, priority={self.priority}, locality={self.locality!r})"
@@ -126,6 +136,10 @@ class Balancer:
         self._maglev_cache: tuple[tuple[str, ...], list[Host]] | None = None
         self._hosts: list[Host] = []
         self._levels: list[list[Host]] = []
+        # (levels' available hosts, their health) until a host's availability changes
+        self._view: tuple[list[list[Host]], list[float]] | None = None
+        self._view_epoch = -1
+        self._next = 0  # plain round robin over equally weighted hosts
 
     def set_hosts(self, hosts: list[Host]) -> None:
         with self._lock:
@@ -135,6 +149,19 @@ class Balancer:
                 levels.setdefault(host.priority, []).append(host)
             self._levels = [levels[p] for p in sorted(levels)]
             self._ring_cache = self._maglev_cache = None
+            self._view = None
+
+    def _availability(self) -> tuple[list[list[Host]], list[float]]:
+        view = self._view
+        if view is None or self._view_epoch != Availability.epoch:
+            self._view_epoch = Availability.epoch
+            available = [[h for h in level if h.available] for level in self._levels]
+            health = [
+                min(100.0, OVERPROVISIONING * 100.0 * len(ok) / len(level))
+                for ok, level in zip(available, self._levels, strict=True)
+            ]
+            view = self._view = (available, health)
+        return view
 
     @property
     def hosts(self) -> list[Host]:
@@ -160,10 +187,12 @@ class Balancer:
 
     def _pick_once(self, key: int | None) -> Host | None:
         with self._lock:
-            level, total_health = self._choose_level()
-            if not level:
+            if not self._levels:
                 return None
-            available = [h for h in level if h.available]
+            available_by_level, health = self._availability()
+            index, total_health = self._choose_level(health)
+            level = self._levels[index]
+            available = available_by_level[index]
             # Envoy: a level panics (routes to all its hosts, healthy or not) when its health
             # is below the threshold, unless the levels together are fully available.
             panic = (
@@ -177,18 +206,12 @@ class Balancer:
                 candidates = self._choose_locality(level, candidates, panic)
             return self._choose_host(candidates, key)
 
-    def _choose_level(self) -> tuple[list[Host], float]:
+    def _choose_level(self, health: list[float]) -> tuple[int, float]:
         """A priority level by Envoy's priority load, and the levels' total health."""
-        levels = self._levels
-        if not levels:
-            return [], 0.0
-        health = [
-            min(100.0, OVERPROVISIONING * 100.0 * sum(1 for h in level if h.available) / len(level))
-            for level in levels
-        ]
         total = sum(health)
-        if len(levels) == 1:
-            return levels[0], min(total, 100.0)
+        if len(health) == 1:
+            return 0, min(total, 100.0)
+        levels = self._levels
         if total == 0:
             loads = [float(len(level)) for level in levels]  # total panic: by host count
         elif total < 100:
@@ -200,11 +223,11 @@ class Balancer:
                 loads.append(share)
                 remaining -= share
         point = self._rng.random() * sum(loads)
-        for level, load in zip(levels, loads, strict=True):
+        for index, load in enumerate(loads):
             if point < load:
-                return level, min(total, 100.0)
+                return index, min(total, 100.0)
             point -= load
-        return levels[-1], min(total, 100.0)
+        return len(levels) - 1, min(total, 100.0)
 
     def _choose_locality(
         self, level: list[Host], candidates: list[Host], panic: bool
@@ -251,15 +274,26 @@ class Balancer:
             cluster_pb2.Cluster.MAGLEV,
         ):
             return self._weighted_random(candidates)
+        if self._equal_weights(candidates):
+            self._next += 1
+            return candidates[self._next % len(candidates)]
         picked: Host = self._round_robin.pick(candidates)
         return picked
+
+    @staticmethod
+    def _equal_weights(candidates: list[Host]) -> bool:
+        first = candidates[0].weight
+        return all(h.weight == first for h in candidates)
 
     def _least_request(self, candidates: list[Host]) -> Host:
         if len({h.weight for h in candidates}) > 1:
             # Envoy's weighted least request: hosts scheduled by weight / (active + 1).
             chosen: Host = self._round_robin.pick(candidates, lambda h: h.weight / (h.active + 1))
             return chosen
-        first, second = self._rng.sample(candidates, 2)
+        count = len(candidates)
+        i = self._rng.randrange(count)
+        j = self._rng.randrange(count - 1)
+        first, second = candidates[i], candidates[j + 1 if j >= i else j]
         return first if first.active <= second.active else second
 
     def _weighted_random(self, candidates: list[Host]) -> Host:

@@ -321,6 +321,9 @@ class ClusterState:
     ) -> Host | None:
         if self.detector is not None:
             self.detector.tick()
+        limits = self.breaker.limits
+        if limits.per_host_max_connections is None and limits.per_host_max_requests is None:
+            return self.balancer.pick(key, accept, attempts)
 
         def usable(host: Host) -> bool:
             if not self.breaker.host_has_room(host):

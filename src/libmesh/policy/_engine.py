@@ -24,7 +24,7 @@ from ..config._rules import is_number
 from ..xds import Snapshot
 from ._balancer import Host, hash_key
 from ._cluster import Admission, ClusterKind, ClusterState
-from ._request import RequestInfo
+from ._request import RequestView
 from ._retry import Failure, RetryPolicy
 from ._routing import DirectResponse, Forward, HeaderOps, Redirect, RouteTable
 
@@ -42,7 +42,7 @@ class LocalReply:
     flags: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """One try: send the request to ``host`` of ``cluster`` within ``timeout`` seconds."""
 
@@ -106,7 +106,7 @@ class Call:
         "started",
     )
 
-    def __init__(self, engine: Engine, decision: Forward, request: RequestInfo) -> None:
+    def __init__(self, engine: Engine, decision: Forward, request: RequestView) -> None:
         self._engine = engine
         self.decision = decision
         self.request = request
@@ -122,8 +122,8 @@ class Call:
         self.cookie: tuple[str, str] | None = None  # (name, Set-Cookie value) to add
         self._cluster: ClusterState | None = None
         self._retry_reserved = False
-        self._hash = self._hash_key()
-        self.delay, self.abort = self._fault()
+        self._hash = self._hash_key() if decision.hash_policies else None
+        self.delay, self.abort = self._fault() if decision.fault is not None else (0.0, None)
 
     # faults and mirrors ------------------------------------------------------------------------
 
@@ -237,7 +237,6 @@ class Call:
         self._tried.add(host.key)
         stats = cluster.stats
         stats.upstream_rq_total += 1
-        stats.by_host[host.key] = stats.by_host.get(host.key, 0) + 1
         if retry:
             stats.upstream_rq_retry += 1
         per_try = self.decision.retry.per_try_timeout if self.decision.retry else None
@@ -245,7 +244,8 @@ class Call:
         if self.hedging:
             per_try = None  # the transport's hedge timer fires instead; the attempt runs on
         timeout, is_per_try = _earliest(per_try, remaining)
-        request_ops, _ = self.decision.cluster_headers.get(cluster.name, (HeaderOps(), HeaderOps()))
+        decision = self.decision
+        ops = decision.cluster_headers.get(cluster.name) if decision.cluster_headers else None
         return Attempt(
             number=self.attempts,
             cluster=cluster,
@@ -253,9 +253,9 @@ class Call:
             timeout=timeout,
             per_try=is_per_try,
             retry=retry,
-            path=self._rewritten_path(),
-            authority=self.decision.host_rewrite,
-            headers=self.decision.request_headers.merged(request_ops),
+            path=self._rewritten_path() if decision.rewrites else None,
+            authority=decision.host_rewrite,
+            headers=ops[0] if ops is not None else decision.request_headers,
         )
 
     # hedging -----------------------------------------------------------------------------------
@@ -297,6 +297,11 @@ class Call:
     def abandon(self, attempt: Attempt) -> None:
         """A raced attempt lost (or failed while another is still running): free its slot."""
         self._release(attempt)
+
+    @property
+    def wants_grpc_status(self) -> bool:
+        retry = self.decision.retry
+        return retry is not None and retry.grpc
 
     @property
     def outstanding(self) -> int:
@@ -446,10 +451,11 @@ class Call:
             self._end()
 
     def response_headers(self, attempt: Attempt) -> HeaderOps:
-        _, response_ops = self.decision.cluster_headers.get(
-            attempt.cluster.name, (HeaderOps(), HeaderOps())
+        decision = self.decision
+        ops = (
+            decision.cluster_headers.get(attempt.cluster.name) if decision.cluster_headers else None
         )
-        return self.decision.response_headers.merged(response_ops)
+        return ops[1] if ops is not None else decision.response_headers
 
 
 _OVERFLOW_BODY = (
@@ -556,7 +562,7 @@ class Engine:
             return None
         return table
 
-    def start(self, host: str, port: int | None, request: RequestInfo) -> Call | LocalReply | None:
+    def start(self, host: str, port: int | None, request: RequestView) -> Call | LocalReply | None:
         """Begin a request to ``host:port``: a call to drive, a local reply, or ``None`` to
         pass the request through untouched (a host the mesh does not know)."""
         table = self.route_table(host, port)

@@ -19,7 +19,7 @@ from envoy.config.cluster.v3 import outlier_detection_pb2
 
 from ._units import seconds
 
-__all__ = ["EjectionReason", "HostMonitor", "OutlierConfig", "OutlierDetector"]
+__all__ = ["Availability", "EjectionReason", "HostMonitor", "OutlierConfig", "OutlierDetector"]
 
 
 class EjectionReason:
@@ -138,14 +138,25 @@ class _Window:
         return self.previous_success * 100.0 / self.previous_total, self.previous_total
 
 
+class Availability:
+    """A process-wide count of availability changes: balancers cache which hosts are usable
+    and recompute when it moves, however a host was ejected, returned or marked unhealthy."""
+
+    epoch = 0
+
+    @classmethod
+    def changed(cls) -> None:
+        cls.epoch += 1
+
+
 class HostMonitor:
     """One host's outlier state."""
 
     __slots__ = (
+        "_ejected",
         "consecutive_5xx",
         "consecutive_gateway",
         "consecutive_local",
-        "ejected",
         "ejected_at",
         "ejections",
         "external",
@@ -159,7 +170,7 @@ class HostMonitor:
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
         self.consecutive_local = 0
-        self.ejected = False
+        self._ejected = False
         self.ejected_at = 0.0
         self.unejected_at: float | None = None
         self.ejections = 0  # lifetime count
@@ -167,6 +178,15 @@ class HostMonitor:
         self.jitter = 0.0
         self.external = _Window()
         self.local = _Window()
+
+    @property
+    def ejected(self) -> bool:
+        return self._ejected
+
+    @ejected.setter
+    def ejected(self, value: bool) -> None:
+        self._ejected = value
+        Availability.changed()
 
     def reset_consecutive(self) -> None:
         self.consecutive_5xx = self.consecutive_gateway = self.consecutive_local = 0

@@ -58,6 +58,11 @@ class RetryPolicy:
     avoid_previous_hosts: bool = False
     host_selection_attempts: int = 1
 
+    @property
+    def grpc(self) -> bool:
+        """Whether a response's gRPC status matters to this policy."""
+        return any(c in GRPC_CONDITIONS for c in self.retry_on)
+
     @classmethod
     def of(cls, proto: rc.RetryPolicy) -> RetryPolicy:
         base = (

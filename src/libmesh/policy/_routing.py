@@ -17,7 +17,7 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.type.matcher.v3 import string_pb2
 
 from ..config._rules import compile_re2
-from ._request import RequestInfo
+from ._request import RequestView
 from ._retry import RetryPolicy
 from ._units import fraction, seconds
 
@@ -65,7 +65,7 @@ class _HeaderCheck:
     matcher: Matcher | None  # None: presence
     invert: bool
 
-    def __call__(self, request: RequestInfo) -> bool:
+    def __call__(self, request: RequestView) -> bool:
         value = request.header(self.name)
         if self.matcher is None:
             found = value is not None
@@ -111,20 +111,21 @@ class _QueryCheck:
     name: str
     matcher: Matcher | None
 
-    def __call__(self, request: RequestInfo) -> bool:
+    def __call__(self, request: RequestView) -> bool:
         value = request.query_param(self.name)
         if value is None:
             return False
         return self.matcher is None or self.matcher(value)
 
 
-def _path_matcher(match: rc.RouteMatch) -> Matcher:
+def _path_matcher(match: rc.RouteMatch) -> Matcher | None:
+    """The path test of a route; ``None`` when every path matches (``prefix: /``)."""
     sensitive = not match.HasField("case_sensitive") or match.case_sensitive.value
     kind = match.WhichOneof("path_specifier")
     if kind == "prefix":
         prefix = match.prefix if sensitive else match.prefix.lower()
         if prefix == "/":
-            return lambda p: True
+            return None
         return _starts(prefix) if sensitive else (lambda p: p.lower().startswith(prefix))
     if kind == "path":
         path = match.path if sensitive else match.path.lower()
@@ -236,7 +237,7 @@ class Forward:
 
     route_name: str
     picker: WeightedPicker
-    cluster_headers: dict[str, tuple[HeaderOps, HeaderOps]]  # request, response
+    cluster_headers: dict[str, tuple[HeaderOps, HeaderOps]]  # request, response: merged
     timeout: float | None
     retry: RetryPolicy | None
     hash_policies: tuple[HashPolicy, ...]
@@ -251,6 +252,10 @@ class Forward:
     hedge_on_per_try_timeout: bool
     hedge_initial_requests: int
 
+    @property
+    def rewrites(self) -> bool:
+        return self.prefix_rewrite is not None or self.regex_rewrite is not None
+
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
@@ -264,7 +269,7 @@ class Redirect:
     matched_prefix: str | None
     strip_query: bool
 
-    def location(self, request: RequestInfo) -> str:
+    def location(self, request: RequestView) -> str:
         host, _, port = request.authority.partition(":")
         if self.host:
             host = self.host
@@ -298,12 +303,12 @@ _REDIRECT_STATUS = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
 
 @dataclass(frozen=True, slots=True)
 class _Route:
-    path: Matcher
-    checks: tuple[Callable[[RequestInfo], bool], ...]
+    path: Matcher | None
+    checks: tuple[Callable[[RequestView], bool], ...]
     decision: Decision
 
-    def matches(self, request: RequestInfo) -> bool:
-        if not self.path(request.path):
+    def matches(self, request: RequestView) -> bool:
+        if self.path is not None and not self.path(request.path):
             return False
         return all(check(request) for check in self.checks)
 
@@ -323,8 +328,10 @@ class RouteTable:
                 table.routes.append(_compile_route(route))
         return table
 
-    def match(self, request: RequestInfo) -> Decision | None:
+    def match(self, request: RequestView) -> Decision | None:
         for route in self.routes:
+            if route.path is None and not route.checks:
+                return route.decision  # a catch-all: nothing about the request to look at
             if route.matches(request):
                 return route.decision
         return None
@@ -332,7 +339,7 @@ class RouteTable:
 
 def _compile_route(route: rc.Route) -> _Route:
     match = route.match
-    checks: list[Callable[[RequestInfo], bool]] = [_header_check(h) for h in match.headers]
+    checks: list[Callable[[RequestView], bool]] = [_header_check(h) for h in match.headers]
     for q in match.query_parameters:
         kind = q.WhichOneof("query_parameter_match_specifier")
         checks.append(
@@ -397,7 +404,11 @@ def _forward(
             ops = HeaderOps.of(entry.request_headers_to_add, entry.request_headers_to_remove)
             response = HeaderOps.of(entry.response_headers_to_add, entry.response_headers_to_remove)
             if ops or response:
-                cluster_headers[entry.name] = (ops, response)
+                # Route-level operations first, then the destination's, as Envoy applies them.
+                cluster_headers[entry.name] = (
+                    request_headers.merged(ops),
+                    response_headers.merged(response),
+                )
         picker = WeightedPicker(targets)
     else:
         picker = WeightedPicker([(action.cluster, 1)])

@@ -20,8 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpcore
 import httpx
@@ -40,7 +39,7 @@ from ..policy import (
     Failure,
     Host,
     LocalReply,
-    RequestInfo,
+    RequestView,
 )
 from ..policy._routing import HeaderOps
 
@@ -56,8 +55,7 @@ class EngineSource(Protocol):
     def engine(self) -> Engine: ...
 
 
-@dataclass(frozen=True, slots=True)
-class MeshInfo:
+class MeshInfo(NamedTuple):
     """What the mesh did with a request, at ``response.extensions["libmesh"]``."""
 
     response_flags: str
@@ -70,16 +68,37 @@ class MeshInfo:
 # -- shared logic --------------------------------------------------------------------------------
 
 
-def _request_info(request: httpx.Request) -> RequestInfo:
-    url = request.url
-    return RequestInfo(
-        method=request.method,
-        authority=request.headers.get("host") or url.netloc.decode("ascii"),
-        path=url.path,
-        query=url.query.decode("ascii"),
-        scheme=url.scheme,
-        headers=request.headers,
-    )
+class _RequestView(RequestView):
+    """An httpx request as the engine reads it, computed only as far as routing looks."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: httpx.Request) -> None:
+        self._request = request
+
+    @property
+    def method(self) -> str:
+        return self._request.method
+
+    @property
+    def authority(self) -> str:
+        return self._request.headers.get("host") or self._request.url.netloc.decode("ascii")
+
+    @property
+    def path(self) -> str:
+        return self._request.url.path
+
+    @property
+    def query(self) -> str:
+        return self._request.url.query.decode("ascii")
+
+    @property
+    def scheme(self) -> str:
+        return self._request.url.scheme
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self._request.headers
 
 
 def _apply_header_ops(headers: httpx.Headers, ops: HeaderOps) -> None:
@@ -120,7 +139,10 @@ def _failure_of(exc: httpx.TransportError) -> Failure:
     return Failure.RESET
 
 
-def _grpc_status(response: httpx.Response) -> int | None:
+def _grpc_status(call: Call, response: httpx.Response) -> int | None:
+    """The gRPC status in the response headers, looked up only if a retry policy needs it."""
+    if not call.wants_grpc_status:
+        return None
     value = response.headers.get("grpc-status")
     return int(value) if value is not None and is_number(value) else None
 
@@ -169,10 +191,11 @@ class _Base:
     def _finish_response(
         response: httpx.Response, call: Call, attempt: Attempt, request: httpx.Request
     ) -> httpx.Response:
-        _apply_header_ops(response.headers, call.response_headers(attempt))
+        operations = call.response_headers(attempt)
+        if operations:
+            _apply_header_ops(response.headers, operations)
         if call.cookie is not None:
             response.headers.setdefault("set-cookie", call.cookie[1])
-        response.request = request
         response.extensions = {
             **response.extensions,
             "libmesh": MeshInfo(
@@ -303,7 +326,7 @@ class _FinishingStream(httpx.SyncByteStream):
         self._done: Callable[[], None] | None = done
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream
+        return iter(self._stream)
 
     def close(self) -> None:
         try:
@@ -340,7 +363,7 @@ class MeshTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         engine = self._base._source.engine
-        started = engine.start(request.url.host, request.url.port, _request_info(request))
+        started = engine.start(request.url.host, request.url.port, _RequestView(request))
         if started is None:
             return self._passthrough.handle_request(request)
         if isinstance(started, LocalReply):
@@ -381,7 +404,7 @@ class MeshTransport(httpx.BaseTransport):
         finally:
             self._base._restore(request, saved)
         step = call.responded(
-            attempt, response.status_code, response.headers, _grpc_status(response)
+            attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
         if isinstance(step, Deliver):
             response.stream = _FinishingStream(
@@ -422,7 +445,7 @@ class MeshTransport(httpx.BaseTransport):
                     return self._settle(call, attempt, outcome, request)
                 if isinstance(outcome, httpx.Response):
                     status, headers = outcome.status_code, outcome.headers
-                    if call.is_final(status, headers, _grpc_status(outcome)):
+                    if call.is_final(status, headers, _grpc_status(call, outcome)):
                         for loser_future, loser in racing.items():
                             loser_future.add_done_callback(_abandon(call, loser))
                         return self._settle(call, attempt, outcome, request)
@@ -449,7 +472,9 @@ class MeshTransport(httpx.BaseTransport):
     ) -> Any:
         if not isinstance(outcome, httpx.Response):
             return call.failed(attempt, outcome)
-        step = call.responded(attempt, outcome.status_code, outcome.headers, _grpc_status(outcome))
+        step = call.responded(
+            attempt, outcome.status_code, outcome.headers, _grpc_status(call, outcome)
+        )
         if isinstance(step, Deliver):
             outcome.stream = _FinishingStream(
                 outcome.stream,  # type: ignore[arg-type]
@@ -549,9 +574,8 @@ class _AsyncFinishingStream(httpx.AsyncByteStream):
         self._stream = stream
         self._done: Callable[[], None] | None = done
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream.__aiter__()
 
     async def aclose(self) -> None:
         try:
@@ -583,7 +607,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         engine = self._base._source.engine
-        started = engine.start(request.url.host, request.url.port, _request_info(request))
+        started = engine.start(request.url.host, request.url.port, _RequestView(request))
         if started is None:
             return await self._passthrough.handle_async_request(request)
         if isinstance(started, LocalReply):
@@ -624,7 +648,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         finally:
             self._base._restore(request, saved)
         step = call.responded(
-            attempt, response.status_code, response.headers, _grpc_status(response)
+            attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
         if isinstance(step, Deliver):
             response.stream = _AsyncFinishingStream(
@@ -664,7 +688,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                         return await self._settle(call, attempt, outcome, request)
                     if isinstance(outcome, httpx.Response):
                         status, headers = outcome.status_code, outcome.headers
-                        if call.is_final(status, headers, _grpc_status(outcome)):
+                        if call.is_final(status, headers, _grpc_status(call, outcome)):
                             return await self._settle(call, attempt, outcome, request)
                         await _adiscard(outcome)
                         call.lost(attempt, status=status)
@@ -693,7 +717,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     ) -> Any:
         if not isinstance(outcome, httpx.Response):
             return call.failed(attempt, outcome)
-        step = call.responded(attempt, outcome.status_code, outcome.headers, _grpc_status(outcome))
+        step = call.responded(
+            attempt, outcome.status_code, outcome.headers, _grpc_status(call, outcome)
+        )
         if isinstance(step, Deliver):
             outcome.stream = _AsyncFinishingStream(
                 outcome.stream,  # type: ignore[arg-type]
