@@ -71,6 +71,9 @@ class Node:
     labels: FrozenMap[str, str] = field(default=EMPTY)
     locality: Locality = field(default_factory=Locality)
     service_account: str = "default"
+    # What reads the resources: "envoy" (Envoy and libmesh, which read everything Envoy
+    # reads) or "grpc" (grpcio's xDS client, which reads a subset; Istio's "grpcgen" too).
+    flavor: str = "envoy"
 
 
 @dataclass(frozen=True)

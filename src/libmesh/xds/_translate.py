@@ -31,6 +31,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.outlier_detection_monitors.consecutive_errors.v3 import (
     consecutive_errors_pb2,
 )
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,
+)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, range_pb2
@@ -128,9 +132,17 @@ def parse_cluster_name(name: str) -> tuple[int, str, str] | None:
     return int(parts[1]), parts[2], parts[3]
 
 
-def translate(config: ConfigSet, registry: Registry, node: Node | None = None) -> Snapshot:
-    """Build the xDS resources ``node`` needs, from valid configuration and the registry."""
-    return _Translator(config, registry, node or Node()).run()
+def translate(
+    config: ConfigSet,
+    registry: Registry,
+    node: Node | None = None,
+    *,
+    root_namespace: str = "istio-system",
+) -> Snapshot:
+    """Build the xDS resources ``node`` needs, from valid configuration and the registry.
+
+    ``root_namespace`` is where mesh-wide configuration lives (Istio's ``istio-system``)."""
+    return _Translator(config, registry, node or Node(), root_namespace).run()
 
 
 # -- helpers that build protobuf values ----------------------------------------------------------
@@ -184,7 +196,13 @@ def _is_empty(match: StringMatch) -> bool:
 def _header_matcher(name: str, match: StringMatch, *, invert: bool = False) -> rc.HeaderMatcher:
     if _is_empty(match) or (invert and match.regex == "*"):
         return rc.HeaderMatcher(name=name, present_match=True, invert_match=invert)
-    return rc.HeaderMatcher(name=name, string_match=_string_matcher(match), invert_match=invert)
+    return rc.HeaderMatcher(
+        name=name,
+        string_match=_string_matcher(match),
+        invert_match=invert,
+        # withoutHeaders must match requests that lack the header too (as Istio sets it).
+        treat_missing_header_as_empty=invert,
+    )
 
 
 def _header_value(name: str, value: str, *, append: bool) -> base_pb2.HeaderValueOption:
@@ -212,10 +230,13 @@ class _Rules:
 
 
 class _Translator:
-    def __init__(self, config: ConfigSet, registry: Registry, node: Node) -> None:
+    def __init__(
+        self, config: ConfigSet, registry: Registry, node: Node, root_namespace: str
+    ) -> None:
         self.config = config
         self.registry = registry
         self.node = node
+        self.root_namespace = root_namespace
         self.resources: dict[str, dict[str, Message]] = {
             LISTENER: {},
             ROUTE: {},
@@ -225,7 +246,7 @@ class _Translator:
 
     def run(self) -> Snapshot:
         for service in self._visible_services():
-            rules = self._rules_for(service.host)
+            rules = self._rules_for(service.host, service.namespace)
             for port in service.ports:
                 self._build_clusters(service, port, rules)
                 if port.protocol in HTTP_PROTOCOLS or port.protocol is None:
@@ -253,7 +274,8 @@ class _Translator:
 
     # DestinationRules ----------------------------------------------------------------------
 
-    def _rules_for(self, host: str) -> _Rules:
+    def _rules_for(self, host: str, namespace: str | None) -> _Rules:
+        """The merged DestinationRules for ``host``, a service in ``namespace``."""
         candidates: list[tuple[int, int, int, Resource[Any]]] = []
         for order, resource in enumerate(self._resources("DestinationRule")):
             rule: DestinationRule = resource.spec
@@ -265,6 +287,9 @@ class _Translator:
                 )
                 if not selects_me:
                     continue
+            # Istio looks in the client's namespace, the service's, and the root namespace.
+            if resource.namespace not in (self.node.namespace, namespace, self.root_namespace):
+                continue
             rule_host = self.registry.fqdn(rule.host, resource.namespace)
             if rule_host == host:
                 specificity = 0
@@ -279,7 +304,8 @@ class _Translator:
             rule = resource.spec
             if merged.policy is None and rule.traffic_policy is not None:
                 merged.policy = rule.traffic_policy
-                merged.annotations = dict(resource.metadata.annotations)
+            for key, value in resource.metadata.annotations.items():
+                merged.annotations.setdefault(key, value)
             for subset in rule.subsets:
                 merged.subsets.setdefault(subset.name, subset)
         return merged
@@ -318,14 +344,20 @@ class _Translator:
             )
         )
         assignment = self._assignment(name, service, port, workloads, policy)
+        grpc = self.node.flavor == "grpc"
         if service.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
+            # grpcio resolves DNS only as LOGICAL_DNS: one name, its addresses in turn.
             cluster.type = (
                 cluster_pb2.Cluster.STRICT_DNS
-                if service.resolution is Resolution.DNS
+                if service.resolution is Resolution.DNS and not grpc
                 else cluster_pb2.Cluster.LOGICAL_DNS
             )
+            if cluster.type == cluster_pb2.Cluster.LOGICAL_DNS:
+                _first_endpoint_only(assignment)
             cluster.load_assignment.CopyFrom(assignment)
         elif service.resolution is Resolution.NONE and not workloads:
+            if grpc:
+                return  # grpcio has no original-destination clusters: not served to it
             cluster.type = cluster_pb2.Cluster.ORIGINAL_DST
             cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
         else:
@@ -336,14 +368,18 @@ class _Translator:
             self.resources[ENDPOINT][name] = assignment
         if cluster.type != cluster_pb2.Cluster.ORIGINAL_DST:
             _apply_load_balancer(cluster, policy.load_balancer)
+            if self.node.flavor == "grpc":
+                _grpc_load_balancer(cluster)
         _apply_connection_pool(cluster, policy.connection_pool, rules.annotations)
         _apply_outlier_detection(cluster, policy.outlier_detection, rules.annotations)
         if policy.retry_budget is not None:
+            # Istio's applyRetryBudget: a budget is on as soon as it is given; defaults fill it.
             budget = cluster.circuit_breakers.thresholds[0].retry_budget
-            if policy.retry_budget.percent is not None:
-                budget.budget_percent.value = policy.retry_budget.percent
-            if policy.retry_budget.min_retry_concurrency is not None:
-                budget.min_retry_concurrency.value = policy.retry_budget.min_retry_concurrency
+            given = policy.retry_budget
+            budget.budget_percent.value = 20.0 if given.percent is None else given.percent
+            budget.min_retry_concurrency.value = (
+                3 if given.min_retry_concurrency is None else given.min_retry_concurrency
+            )
         if policy.tls is not None:
             _record_tls(cluster, policy.tls)
         cluster.metadata.filter_metadata["istio"].update(
@@ -371,6 +407,8 @@ class _Translator:
             )  # fmt: skip
         groups: dict[Locality, list[endpoint_components_pb2.LbEndpoint]] = {}
         for workload in workloads:
+            if self.node.flavor == "grpc" and workload.address.startswith("unix://"):
+                continue  # grpcio's EDS reads socket addresses only
             endpoint = _lb_endpoint(workload, port)
             if endpoint is not None:
                 groups.setdefault(Locality.parse(workload.locality), []).append(endpoint)
@@ -379,7 +417,7 @@ class _Translator:
         failover_enabled = policy.outlier_detection is not None and (
             locality_setting is None or locality_setting.enabled is not False
         )
-        distribute = _distribution(locality_setting, self.node.locality, list(groups))
+        distribute = _distribute_rule(locality_setting, self.node.locality)
         for locality in sorted(groups):
             endpoints = groups[locality]
             group = assignment.endpoints.add()
@@ -387,16 +425,17 @@ class _Translator:
             group.locality.zone = locality.zone
             group.locality.sub_zone = locality.subzone
             group.lb_endpoints.extend(endpoints)
-            weight = sum(e.load_balancing_weight.value for e in endpoints)
-            if distribute is not None:
-                weight = distribute.get(locality, 0)
-            group.load_balancing_weight.value = max(weight, 0)
+            group.load_balancing_weight.value = sum(
+                e.load_balancing_weight.value for e in endpoints
+            )
             if failover_enabled and distribute is None:
                 group.priority = _failover_priority(
                     self.node.locality,
                     locality,
                     locality_setting.failover if locality_setting else (),
                 )
+        if distribute is not None:
+            _apply_distribution(assignment, distribute)
         _compact_priorities(assignment)
         return assignment
 
@@ -557,6 +596,9 @@ class _Translator:
             self._route_action(route.route, http, owner, service, port, hedge)
         if http.headers is not None:
             _apply_headers(route, http.headers)
+            authority = _authority_header(http.headers)
+            if authority is not None and route.HasField("route"):
+                route.route.host_rewrite_literal = authority
         if http.fault is not None:
             route.typed_per_filter_config[FAULT_FILTER].Pack(_fault(http.fault))
         return route
@@ -570,10 +612,13 @@ class _Translator:
         port: ServicePortInfo,
         hedge: Hedge | None,
     ) -> None:
+        # Istio drops zero-weight destinations (they would get no traffic anyway).
+        destinations = [d for d in http.route if len(http.route) == 1 or d.weight]
         targets = [
-            (self._destination_cluster(d.destination, owner, service, port), d) for d in http.route
+            (self._destination_cluster(d.destination, owner, service, port), d)
+            for d in destinations
         ]
-        if len(targets) == 1 and not targets[0][1].headers:
+        if len(http.route) == 1 and not targets[0][1].headers:
             action.cluster = targets[0][0]
         else:
             weighted = action.weighted_clusters
@@ -623,7 +668,8 @@ class _Translator:
             if parsed is None:
                 continue
             number, subset, host = parsed
-            rules = self._rules_for(host)
+            target = self.registry.lookup(host, self.node.namespace)
+            rules = self._rules_for(host, target.namespace if target is not None else None)
             policy = _merge_policy(
                 _port_policy(rules.policy, number),
                 _port_policy(rules.subsets[subset].traffic_policy, number)
@@ -681,11 +727,12 @@ def _port_policy(policy: TrafficPolicy | None, port: int) -> _PolicyView:
     )
     if port_level is None:
         return view
+    # Istio: port-level settings replace the top level; what they omit takes its default.
     return _PolicyView(
-        load_balancer=port_level.load_balancer or view.load_balancer,
-        connection_pool=port_level.connection_pool or view.connection_pool,
-        outlier_detection=port_level.outlier_detection or view.outlier_detection,
-        tls=port_level.tls or view.tls,
+        load_balancer=port_level.load_balancer,
+        connection_pool=port_level.connection_pool,
+        outlier_detection=port_level.outlier_detection,
+        tls=port_level.tls,
         retry_budget=view.retry_budget,
     )
 
@@ -731,24 +778,37 @@ def _lb_endpoint(
     return endpoint
 
 
-def _distribution(
-    setting: Any, client: Locality, localities: Sequence[Locality]
-) -> dict[Locality, int] | None:
-    """Istio's ``distribute``: for the first rule whose ``from`` matches the client, the share
-    of traffic each endpoint locality gets."""
+def _distribute_rule(setting: Any, client: Locality) -> Any:
+    """The first ``distribute`` rule whose ``from`` matches the client, if any."""
     if setting is None or not setting.distribute or setting.enabled is False:
         return None
-    for rule in setting.distribute:
-        if not _locality_matches(rule.from_ or "", client):
-            continue
-        shares: dict[Locality, int] = {}
-        for pattern, weight in rule.to.items():
-            matching = [loc for loc in localities if _locality_matches(pattern, loc)]
-            for loc in matching:
-                # A pattern's share is split evenly among the localities it matches.
-                shares[loc] = shares.get(loc, 0) + max(1, weight * 1000 // len(matching))
-        return shares
-    return None
+    return next((r for r in setting.distribute if _locality_matches(r.from_ or "", client)), None)
+
+
+def _apply_distribution(assignment: endpoint_pb2.ClusterLoadAssignment, rule: Any) -> None:
+    """Istio's ``applyLocalityWeights``: each ``to`` pattern's share goes to the localities it
+    matches in proportion to their endpoints' weight; localities it does not name get nothing."""
+    groups = list(assignment.endpoints)
+    unmatched = set(range(len(groups)))
+    for pattern, share in rule.to.items():
+        matched = {
+            i: groups[i].load_balancing_weight.value or 1
+            for i in sorted(unmatched)
+            if _locality_matches(pattern, _locality_of(groups[i]))
+        }
+        unmatched -= matched.keys()
+        total = sum(matched.values())
+        for i, weight in matched.items():
+            value = -(-weight * share // total) if total else 0  # ceiling, as Istio rounds
+            if value > 0:
+                groups[i].load_balancing_weight.value = value
+    kept = [g for i, g in enumerate(groups) if i not in unmatched]
+    del assignment.endpoints[:]
+    assignment.endpoints.extend(kept)
+
+
+def _locality_of(group: endpoint_components_pb2.LocalityLbEndpoints) -> Locality:
+    return Locality(group.locality.region, group.locality.zone, group.locality.sub_zone)
 
 
 def _locality_matches(pattern: str, locality: Locality) -> bool:
@@ -818,6 +878,27 @@ def _apply_load_balancer(cluster: cluster_pb2.Cluster, lb: LoadBalancerSettings 
             slow_start.min_weight_percent.value = lb.warmup.minimum_percent
 
 
+def _grpc_load_balancer(cluster: cluster_pb2.Cluster) -> None:
+    """grpcio balances with ROUND_ROBIN or RING_HASH only (Istio's grpcgen does the same)."""
+    if cluster.lb_policy == cluster_pb2.Cluster.MAGLEV:
+        cluster.lb_policy = cluster_pb2.Cluster.RING_HASH
+        cluster.ClearField("maglev_lb_config")
+    elif cluster.lb_policy != cluster_pb2.Cluster.RING_HASH:
+        cluster.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+        cluster.ClearField("least_request_lb_config")
+
+
+def _first_endpoint_only(assignment: endpoint_pb2.ClusterLoadAssignment) -> None:
+    """A LOGICAL_DNS cluster takes exactly one endpoint, the name it resolves."""
+    first = next((g for g in assignment.endpoints if g.lb_endpoints), None)
+    if first is None:
+        return
+    del first.lb_endpoints[1:]
+    del assignment.endpoints[:]
+    assignment.endpoints.append(first)
+    first.priority = 0
+
+
 def _apply_connection_pool(
     cluster: cluster_pb2.Cluster,
     pool: ConnectionPoolSettings | None,
@@ -881,6 +962,8 @@ def _apply_connection_pool(
         if http.use_client_protocol:
             options.use_downstream_protocol_config.SetInParent()
     if options.ByteSize():
+        if options.WhichOneof("upstream_protocol_options") is None:
+            options.explicit_http_config.http_protocol_options.SetInParent()
         cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
 
 
@@ -1044,12 +1127,26 @@ def _redirect(http: HTTPRoute) -> rc.RedirectAction:
     return out
 
 
+def _authority_header(headers: Headers) -> str | None:
+    """A request ``set`` (or ``add``) of Host or :authority: Envoy rewrites the authority
+    instead of adding a header (Istio's TranslateHeadersOperations)."""
+    if headers.request is None:
+        return None
+    for operations in (headers.request.set, headers.request.add):
+        for name, value in operations.items():
+            if name.lower() in ("host", ":authority"):
+                return value
+    return None
+
+
 def _apply_headers(target: Any, headers: Headers) -> None:
     if headers.request is not None:
         for name, value in headers.request.set.items():
-            target.request_headers_to_add.append(_header_value(name, value, append=False))
+            if name.lower() not in ("host", ":authority"):
+                target.request_headers_to_add.append(_header_value(name, value, append=False))
         for name, value in headers.request.add.items():
-            target.request_headers_to_add.append(_header_value(name, value, append=True))
+            if name.lower() not in ("host", ":authority"):
+                target.request_headers_to_add.append(_header_value(name, value, append=True))
         target.request_headers_to_remove.extend(headers.request.remove)
     if headers.response is not None:
         for name, value in headers.response.set.items():
@@ -1107,8 +1204,14 @@ def _retry_policy(retries: HTTPRetry | None, *, hashed: bool) -> rc.RetryPolicy 
             policy.retry_back_off.base_interval.CopyFrom(_duration(retries.backoff))
         if retries.retry_remote_localities:
             policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+            policy.retry_priority.typed_config.Pack(
+                previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=2)
+            )
         if retries.retry_ignore_previous_hosts is False:
             ignore_previous = False
     if ignore_previous and not hashed:
-        policy.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts")
+        predicate = policy.retry_host_predicate.add(
+            name="envoy.retry_host_predicates.previous_hosts"
+        )
+        predicate.typed_config.Pack(previous_hosts_pb2.PreviousHostsPredicate())
     return policy
