@@ -230,6 +230,32 @@ def test_retries_stop_at_the_configured_attempts(
     assert backends.requests(0) == 3  # the request and two retries
 
 
+def test_a_streamed_request_body_is_sent_once_and_never_retried(
+    start_backends: StartBackends, mesh_dir: MeshDir, connect: Connect
+) -> None:
+    backends = start_backends(1)
+    backends.behave(0, status=503, fail_first=1)
+    caller = connect(mesh_of(mesh_dir(service("reviews", "shop", backends.ports), retrying("5xx"))))
+
+    if caller.mode == "sync":
+        streamed: object = iter([b"part one, ", b"part two"])
+    else:
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            yield b"part one, "
+            yield b"part two"
+
+        streamed = chunks()
+    failed = caller.request("POST", URL + "/upload", content=streamed)
+    replayable = caller.request("POST", URL + "/upload", content=b"all at once")
+
+    assert failed.status_code == 503  # a body that cannot be replayed cannot be retried
+    assert failed.extensions["libmesh"].attempts == 1
+    assert replayable.status_code == 200
+    assert replayable.json()["body"] == "all at once"
+    assert backends.requests(0) == 2
+
+
 def test_connection_failures_retry_on_another_host_first(
     start_backends: StartBackends, mesh_dir: MeshDir, connect: Connect
 ) -> None:
