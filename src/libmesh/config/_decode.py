@@ -256,22 +256,17 @@ def _unknown_field_message(key: str, known: tuple[str, ...] | list[str]) -> str:
     return f"unknown field {key!r}; the fields here are: {listing}"
 
 
+_JSON_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (list, "a list"), (dict, "a mapping"))  # fmt: skip
+
+
 def _json_type(value: Any) -> str:
+    """How JSON (and so Kubernetes) would name a value's type, for messages."""
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+    return next(
+        (name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__
+    )
 
 
 def _node_type(node: yaml.Node) -> str:

@@ -981,7 +981,13 @@ def _validate_endpoint(
         c.error(
             f"endpoint address {address!r} must be an IP address with resolution STATIC", "address"
         )
-    for name, number in entry.ports.items():
+    _check_endpoint_ports(c, service_ports)
+    check_labels(c, "labels")
+
+
+def _check_endpoint_ports(c: Cursor, service_ports: set[str]) -> None:
+    """An endpoint's ports are named after the ServiceEntry's ports, with valid numbers."""
+    for name, number in c.node.ports.items():
         if name not in service_ports:
             c.error(
                 f"port {name!r} is not a port of this ServiceEntry "
@@ -991,7 +997,6 @@ def _validate_endpoint(
             )
         c.check(check_port_name(name), "ports", name)
         c.check(check_port(number), "ports", name)
-    check_labels(c, "labels")
 
 
 def _validate_dns_endpoint(c: Cursor, service_ports: set[str]) -> None:
@@ -1000,16 +1005,7 @@ def _validate_dns_endpoint(c: Cursor, service_ports: set[str]) -> None:
     if not is_ip(address) and (not address or check_fqdn(address)):
         c.error(f"endpoint address {address!r} must be a domain name or an IP address", "address")
     check_labels(c, "labels")
-    for name, number in entry.ports.items():
-        if name not in service_ports:
-            c.error(
-                f"port {name!r} is not a port of this ServiceEntry "
-                f"({', '.join(sorted(service_ports)) or 'none'})",
-                "ports",
-                name,
-            )
-        c.check(check_port_name(name), "ports", name)
-        c.check(check_port(number), "ports", name)
+    _check_endpoint_ports(c, service_ports)
 
 
 def validate_workload_entry(c: Cursor) -> None:

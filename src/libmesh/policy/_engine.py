@@ -400,18 +400,30 @@ class Call:
             if detector is not None:
                 detector.report_local_failure(host, timeout=failure is Failure.TIMEOUT)
 
-    def is_final(self, status: int, headers: Mapping[str, str], grpc_status: int | None) -> bool:
-        """Whether a response ends the call (it would not be retried)."""
+    def race_settles(
+        self,
+        attempt: Attempt,
+        others_racing: bool,
+        *,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        grpc_status: int | None = None,
+        failure: Failure | None = None,
+    ) -> bool:
+        """One of several racing attempts came back. It settles the race when it is the last
+        one running or a final response (one that would not be retried); otherwise it is
+        noted and its slot freed, and the others race on. A settling attempt is then handed
+        to :meth:`responded` or :meth:`failed` as usual."""
+        if not others_racing:
+            return True
         policy = self.decision.retry
-        return policy is None or not policy.retries_status(status, headers, grpc_status)
-
-    def lost(
-        self, attempt: Attempt, *, status: int | None = None, failure: Failure | None = None
-    ) -> None:
-        """A raced attempt came back with something retriable while others still run: note
-        it, free its slot, and let the others race on."""
+        if status is not None and (
+            policy is None or not policy.retries_status(status, headers or {}, grpc_status)
+        ):
+            return True
         self._observe(attempt, status=status, failure=failure)
         self._release(attempt)
+        return False
 
     def _maybe_retry(self, attempt: Attempt, policy: RetryPolicy) -> Backoff | None:
         if self._retries_left <= 0 or not self.replayable:

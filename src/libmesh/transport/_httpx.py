@@ -441,18 +441,12 @@ class MeshTransport(httpx.BaseTransport):
             for future in done:
                 attempt = racing.pop(future)
                 outcome = future.result()
-                if not racing:
+                if _settles(call, attempt, outcome, bool(racing)):
+                    for loser_future, loser in racing.items():
+                        loser_future.add_done_callback(_abandon(call, loser))
                     return self._settle(call, attempt, outcome, request)
                 if isinstance(outcome, httpx.Response):
-                    status, headers = outcome.status_code, outcome.headers
-                    if call.is_final(status, headers, _grpc_status(call, outcome)):
-                        for loser_future, loser in racing.items():
-                            loser_future.add_done_callback(_abandon(call, loser))
-                        return self._settle(call, attempt, outcome, request)
                     _discard(outcome)
-                    call.lost(attempt, status=status)
-                else:
-                    call.lost(attempt, failure=outcome)
         raise AssertionError("a race ends with a settled attempt")  # pragma: no cover
 
     def _send_one(self, attempt: Attempt, request: httpx.Request) -> httpx.Response | Failure:
@@ -527,6 +521,19 @@ class MeshTransport(httpx.BaseTransport):
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=False)
+
+
+def _settles(
+    call: Call, attempt: Attempt, outcome: httpx.Response | Failure, others_racing: bool
+) -> bool:
+    """Whether a racer's outcome ends the race; if not, the call counts it as lost."""
+    if isinstance(outcome, httpx.Response):
+        status = outcome.status_code
+        return call.race_settles(
+            attempt, others_racing, status=status, headers=outcome.headers,
+            grpc_status=_grpc_status(call, outcome),
+        )  # fmt: skip
+    return call.race_settles(attempt, others_racing, failure=outcome)
 
 
 def _discard(response: httpx.Response) -> None:
@@ -684,16 +691,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 for task in done:
                     attempt = racing.pop(task)
                     outcome = task.result()
-                    if not racing:
+                    if _settles(call, attempt, outcome, bool(racing)):
                         return await self._settle(call, attempt, outcome, request)
                     if isinstance(outcome, httpx.Response):
-                        status, headers = outcome.status_code, outcome.headers
-                        if call.is_final(status, headers, _grpc_status(call, outcome)):
-                            return await self._settle(call, attempt, outcome, request)
                         await _adiscard(outcome)
-                        call.lost(attempt, status=status)
-                    else:
-                        call.lost(attempt, failure=outcome)
             raise AssertionError("a race ends with a settled attempt")  # pragma: no cover
         finally:
             for task, loser in racing.items():
