@@ -319,8 +319,9 @@ class ClusterState:
     def pick(
         self, key: int | None, accept: Callable[[Host], bool] | None, attempts: int
     ) -> Host | None:
-        if self.detector is not None:
-            self.detector.tick()
+        detector = self.detector
+        if detector is not None:
+            detector.tick()
         limits = self.breaker.limits
         if limits.per_host_max_connections is None and limits.per_host_max_requests is None:
             return self.balancer.pick(key, accept, attempts)

@@ -239,12 +239,12 @@ class Call:
         stats.upstream_rq_total += 1
         if retry:
             stats.upstream_rq_retry += 1
-        per_try = self.decision.retry.per_try_timeout if self.decision.retry else None
+        decision = self.decision
+        per_try = decision.retry.per_try_timeout if decision.retry is not None else None
         remaining = self._deadline - now if self._deadline is not None else None
-        if self.hedging:
+        if per_try is not None and decision.hedge_on_per_try_timeout and self.hedging:
             per_try = None  # the transport's hedge timer fires instead; the attempt runs on
         timeout, is_per_try = _earliest(per_try, remaining)
-        decision = self.decision
         ops = decision.cluster_headers.get(cluster.name) if decision.cluster_headers else None
         return Attempt(
             number=self.attempts,

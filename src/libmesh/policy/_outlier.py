@@ -230,7 +230,8 @@ class OutlierDetector:
 
     def report_status(self, host: object, status: int) -> None:
         """An upstream response (or, unsplit, a local failure mapped to 503/504)."""
-        self.tick()
+        if self._clock() >= self._next_interval:
+            self.tick()
         m = _monitor(host)
         error = status >= 500 or status in self.config.error_codes
         m.external.record(not error)

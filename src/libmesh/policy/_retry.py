@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 
@@ -57,11 +57,23 @@ class RetryPolicy:
     max_interval: float = DEFAULT_BASE_INTERVAL * 10
     avoid_previous_hosts: bool = False
     host_selection_attempts: int = 1
+    # Derived once: whether a gRPC status matters, and whether any status below 500 can be
+    # retried (most policies look at 5xx only, so a 2xx needs no further look).
+    grpc: bool = field(init=False)
+    below_500: bool = field(init=False)
 
-    @property
-    def grpc(self) -> bool:
-        """Whether a response's gRPC status matters to this policy."""
-        return any(c in GRPC_CONDITIONS for c in self.retry_on)
+    def __post_init__(self) -> None:
+        on = self.retry_on
+        object.__setattr__(self, "grpc", any(c in GRPC_CONDITIONS for c in on))
+        object.__setattr__(
+            self,
+            "below_500",
+            bool(on & {"retriable-4xx", "retriable-headers", "envoy-ratelimited"})
+            or (
+                "retriable-status-codes" in on and any(c < 500 for c in self.retriable_status_codes)
+            )
+            or self.grpc,
+        )
 
     @classmethod
     def of(cls, proto: rc.RetryPolicy) -> RetryPolicy:
@@ -108,6 +120,8 @@ class RetryPolicy:
         self, status: int, headers: Mapping[str, str], grpc_status: int | None = None
     ) -> bool:
         """Whether a response with this status (and headers) is worth another attempt."""
+        if status < 500 and not self.below_500:
+            return False
         on = self.retry_on
         if headers.get("x-envoy-ratelimited") is not None:
             # An upstream Envoy rate-limited us: only envoy-ratelimited retries that.

@@ -196,16 +196,13 @@ class _Base:
             _apply_header_ops(response.headers, operations)
         if call.cookie is not None:
             response.headers.setdefault("set-cookie", call.cookie[1])
-        response.extensions = {
-            **response.extensions,
-            "libmesh": MeshInfo(
-                ",".join(call.flags) or "-",
-                call.attempts,
-                call.decision.route_name,
-                attempt.cluster.name,
-                attempt.host.key,
-            ),
-        }
+        response.extensions["libmesh"] = MeshInfo(
+            ",".join(call.flags) or "-",
+            call.attempts,
+            call.decision.route_name,
+            attempt.cluster.name,
+            attempt.host.key,
+        )
         return response
 
     @staticmethod
@@ -379,7 +376,7 @@ class MeshTransport(httpx.BaseTransport):
         while True:
             step: Any = call.next()
             while isinstance(step, Attempt):
-                if call.hedging:
+                if call.decision.hedge_on_per_try_timeout and call.hedging:
                     step = self._race(call, step, request)
                 else:
                     step = self._try(call, step, request)
@@ -630,7 +627,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         while True:
             step: Any = call.next()
             while isinstance(step, Attempt):
-                if call.hedging:
+                if call.decision.hedge_on_per_try_timeout and call.hedging:
                     step = await self._race(call, step, request)
                 else:
                     step = await self._try(call, step, request)
