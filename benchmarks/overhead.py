@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import httpcore
 import httpx
 
 import libmesh
@@ -652,6 +653,19 @@ def print_report(result: dict[str, Any], out: TextIO) -> None:
     envoy_cpu = result["cases"]["envoy"]["proxy_cpu_us_per_request"]
     if envoy_cpu is not None:
         say(f"Envoy's own CPU per request: {envoy_cpu:.1f} µs (in its process, on top)")
+    cost = result.get("in_process")
+    if cost:
+        say()
+        say(
+            "in-process cost, network replaced by httpcore's in-memory backend "
+            f"(median of {result['rounds']} rounds):"
+        )
+        say(
+            f"  plain httpx {cost['plain_us']:.1f} µs/request, libmesh "
+            f"{cost['libmesh_us']:.1f} µs/request: libmesh adds {cost['added_us']:.1f} µs "
+            f"({cost['added_us'] / max(result['added_us']['envoy_hop']['p50_us'], 1e-9):.2f} of an "
+            "Envoy hop)"
+        )
 
 
 class OtherLoad:
@@ -690,10 +704,58 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for r in range(args.rounds):
                     for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
                         measure(case, args.requests)
-            return report(cases, setup, args, other.cpus)
+            result = report(cases, setup, args, other.cpus)
+            result["in_process"] = in_process_cost(cases, args)
+            return result
         finally:
             for case in cases:
                 case.client.close()
+
+
+# -- the in-process cost, without the network's noise --------------------------------------------
+
+CANNED = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+def _pools(client: httpx.Client) -> list[Any]:
+    """The connection pools a client's requests go through: its transport's, or for the
+    mesh's transport those of its per-endpoint transports."""
+    transport: Any = client._transport
+    endpoints = getattr(transport, "_endpoints", None)
+    if endpoints is not None:
+        return [t._pool for t in endpoints.values()]
+    return [transport._pool]
+
+
+def in_process_cost(cases: list[Case], args: argparse.Namespace) -> dict[str, float]:
+    """Time per request for plain httpx and for libmesh with the network replaced by
+    httpcore's in-memory backend answering at once: what libmesh adds in the process, with
+    the sockets, the servers and the other core's noise taken out."""
+    plain = next(c for c in cases if c.key == "plain")
+    mesh = next(c for c in cases if c.key == "libmesh")
+    per_round = args.requests
+    for case in (plain, mesh):
+        for pool in _pools(case.client):
+            pool.close()
+            backend = httpcore.MockBackend([CANNED] * (per_round * (args.rounds + 2)))
+            inner = pool._network_backend
+            # The mesh's endpoint transports wrap the backend to reach their endpoint.
+            if hasattr(inner, "_backend"):
+                inner._backend = backend
+            else:
+                pool._network_backend = backend
+    means: dict[str, list[float]] = {"plain": [], "libmesh": []}
+    for case in (plain, mesh):
+        run(case.client, case.url, per_round)  # warm-up on the new backend
+    for _ in range(args.rounds):
+        for case in (plain, mesh):
+            started = time.perf_counter_ns()
+            for _ in range(per_round):
+                case.client.get(case.url)
+            means[case.key].append((time.perf_counter_ns() - started) / per_round / 1000)
+    plain_us = statistics.median(means["plain"])
+    mesh_us = statistics.median(means["libmesh"])
+    return {"plain_us": plain_us, "libmesh_us": mesh_us, "added_us": mesh_us - plain_us}
 
 
 # -- profiling -----------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ from google.protobuf import wrappers_pb2
 
 from libmesh.config import Registry, load_text
 from libmesh.policy import (
+    DELIVER,
     Admission,
     Attempt,
     Backoff,
     Breaker,
     Call,
     ClusterState,
-    Deliver,
     Engine,
     Fail,
     Failure,
@@ -210,7 +210,7 @@ def test_a_503_is_retried_on_another_host_after_a_jittered_back_off() -> None:
     assert second.retry
     assert second.host.key != first.host.key
     delivered = call.responded(second, 200, {})
-    assert delivered == Deliver(second)
+    assert delivered is DELIVER
     call.finish(second)
     state = cluster(engine)
     assert (state.stats.upstream_rq_total, state.stats.upstream_rq_retry) == (2, 1)
@@ -228,7 +228,7 @@ def test_retries_stop_at_the_configured_attempts_and_the_last_response_is_delive
         assert isinstance(backoff, Backoff)
         ceilings.append(backoff.seconds)
     last = attempt(call)
-    assert call.responded(last, 502, {}) == Deliver(last)
+    assert call.responded(last, 502, {}) is DELIVER
     assert hosts | {last.host.key} == {f"{a}:8080" for a in ADDRESSES}
     assert ceilings[0] <= 0.025
     assert ceilings[1] <= 0.075
@@ -238,7 +238,7 @@ def test_a_response_the_policy_does_not_retry_is_delivered_at_once() -> None:
     engine, _ = mesh(route={"retries": {"attempts": 3, "retryOn": "gateway-error"}})
     call = start(engine)
     first = attempt(call)
-    assert call.responded(first, 500, {}) == Deliver(first)
+    assert call.responded(first, 500, {}) is DELIVER
 
 
 def test_a_connect_failure_is_retried_by_istios_default_policy() -> None:
@@ -307,7 +307,7 @@ def test_max_retries_limits_retries_in_progress_across_calls() -> None:
     first, second = start(engine), start(engine)
     a, b = attempt(first), attempt(second)
     assert isinstance(first.responded(a, 503, {}), Backoff)
-    assert second.responded(b, 503, {}) == Deliver(b)  # the 503 stands; no retry storm
+    assert second.responded(b, 503, {}) is DELIVER  # the 503 stands; no retry storm
     assert cluster(engine).stats.upstream_rq_retry_overflow == 1
     retry = attempt(first)
     first.responded(retry, 200, {})
@@ -344,7 +344,7 @@ def test_with_every_host_ejected_a_call_gets_a_local_503_UH_until_one_returns() 
     )
     call = start(engine)
     first = attempt(call)
-    assert call.responded(first, 503, {}) == Deliver(first)
+    assert call.responded(first, 503, {}) is DELIVER
     call.finish(first)
     reply = start(engine).next()
     assert isinstance(reply, LocalReply)

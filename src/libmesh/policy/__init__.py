@@ -2,13 +2,14 @@
 
 from ._balancer import Balancer, BalancerConfig, Host, hash_key
 from ._cluster import Admission, Breaker, ClusterState, ClusterStats, Limits
-from ._engine import Attempt, Backoff, Call, Deliver, Engine, Fail, LocalReply
+from ._engine import DELIVER, Attempt, Backoff, Call, Deliver, Engine, Fail, LocalReply
 from ._outlier import EjectionReason, HostMonitor, OutlierConfig, OutlierDetector
 from ._request import RequestInfo, RequestView
 from ._retry import Failure, RetryPolicy
 from ._routing import RouteTable, WeightedPicker
 
 __all__ = [
+    "DELIVER",
     "Admission",
     "Attempt",
     "Backoff",

@@ -190,6 +190,9 @@ class Balancer:
             if not self._levels:
                 return None
             available_by_level, health = self._availability()
+            if len(health) == 1 and health[0] == 100.0 and not self.config.locality_weighted:
+                # The common case: one level, fully available.
+                return self._choose_host(available_by_level[0], key)
             index, total_health = self._choose_level(health)
             level = self._levels[index]
             available = available_by_level[index]

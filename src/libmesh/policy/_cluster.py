@@ -144,19 +144,25 @@ class Breaker:
         """Admit one attempt to ``host``, or overflow as Envoy's connection pool would."""
         limits = self.limits
         with self._lock:
-            if self.in_flight >= limits.max_requests:
+            in_flight = self.in_flight
+            if in_flight >= limits.max_requests or (
+                in_flight >= limits.max_connections + limits.max_pending_requests
+            ):
                 return Admission.OVERFLOW
-            if self.in_flight >= limits.max_connections + limits.max_pending_requests:
-                return Admission.OVERFLOW
-            self.in_flight += 1
+            self.in_flight = in_flight + 1
             host.active += 1
             host.requests += 1
             return Admission.OK
 
-    def release(self, host: Host) -> None:
+    def release(self, host: Host, *, retry: bool = False, end_call: bool = False) -> None:
+        """Free an attempt's slot (and its retry's), and with ``end_call`` the call's."""
         with self._lock:
             self.in_flight -= 1
             host.active -= 1
+            if retry:
+                self.retries -= 1
+            if end_call:
+                self.calls -= 1
 
     def begin_call(self) -> None:
         with self._lock:
@@ -320,7 +326,7 @@ class ClusterState:
         self, key: int | None, accept: Callable[[Host], bool] | None, attempts: int
     ) -> Host | None:
         detector = self.detector
-        if detector is not None:
+        if detector is not None and self._clock() >= detector.next_interval:
             detector.tick()
         limits = self.breaker.limits
         if limits.per_host_max_connections is None and limits.per_host_max_requests is None:

@@ -28,7 +28,7 @@ from ._request import RequestView
 from ._retry import Failure, RetryPolicy
 from ._routing import DirectResponse, Forward, HeaderOps, Redirect, RouteTable
 
-__all__ = ["Attempt", "Backoff", "Call", "Deliver", "Engine", "Fail", "LocalReply"]
+__all__ = ["DELIVER", "Attempt", "Backoff", "Call", "Deliver", "Engine", "Fail", "LocalReply"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +64,14 @@ class Backoff:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
 class Deliver:
-    """This attempt's response is the call's response."""
+    """This attempt's response is the call's response (a singleton: the transport knows the
+    attempt)."""
 
-    attempt: Attempt
+    __slots__ = ()
+
+
+DELIVER = Deliver()
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +353,7 @@ class Call:
             step = self._maybe_retry(attempt, policy)
             if step is not None:
                 return step
-        return Deliver(attempt)
+        return DELIVER
 
     def failed(self, attempt: Attempt, failure: Failure) -> Step:
         """The attempt got no response."""
@@ -386,7 +389,8 @@ class Call:
         detector, stats = cluster.detector, cluster.stats
         if status is not None:
             if detector is not None:
-                detector.report_local_success(host)
+                if detector.config.split_external_local_origin_errors:
+                    detector.report_local_success(host)
                 detector.report_status(host, status)
             if status >= 500:
                 stats.upstream_rq_5xx += 1
@@ -442,10 +446,7 @@ class Call:
         return Backoff(delay)
 
     def _release(self, attempt: Attempt) -> None:
-        breaker = attempt.cluster.breaker
-        breaker.release(attempt.host)
-        if attempt.retry:
-            breaker.release_retry()
+        attempt.cluster.breaker.release(attempt.host, retry=attempt.retry)
         self._outstanding -= 1
 
     def _end(self) -> None:
@@ -457,8 +458,15 @@ class Call:
             cluster.breaker.end_call()
 
     def finish(self, attempt: Attempt) -> None:
-        """The delivered response has been read or closed: free its slot."""
+        """The delivered response has been read or closed: free its slot, end the call."""
         if self._outstanding > 0:
+            cluster = self._cluster
+            if cluster is not None and not self._retry_reserved:
+                # The common end: one lock for the attempt's slot and the call's.
+                self._cluster = None
+                cluster.breaker.release(attempt.host, retry=attempt.retry, end_call=True)
+                self._outstanding -= 1
+                return
             self._release(attempt)
             self._end()
 

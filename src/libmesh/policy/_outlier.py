@@ -219,6 +219,11 @@ class OutlierDetector:
         self._on_change = on_change
 
     @property
+    def next_interval(self) -> float:
+        """When the interval work is next due (a cheap check before :meth:`tick`)."""
+        return self._next_interval
+
+    @property
     def ejected_count(self) -> int:
         return self._ejected
 
@@ -233,9 +238,10 @@ class OutlierDetector:
         if self._clock() >= self._next_interval:
             self.tick()
         m = _monitor(host)
-        error = status >= 500 or status in self.config.error_codes
-        m.external.record(not error)
-        if not error:
+        window = m.external
+        window.total += 1
+        if status < 500 and status not in self.config.error_codes:
+            window.success += 1
             m.consecutive_5xx = m.consecutive_gateway = 0
             return
         if status in (502, 503, 504):

@@ -22,6 +22,7 @@ from ._retry import RetryPolicy
 from ._units import fraction, seconds
 
 __all__ = [
+    "NO_HEADERS",
     "DirectResponse",
     "FaultPolicy",
     "Forward",
@@ -159,10 +160,17 @@ class HeaderOps:
             header = option.header  # type: ignore[attr-defined]
             append = option.append_action == option.APPEND_IF_EXISTS_OR_ADD  # type: ignore[attr-defined]
             ops.append((header.key, header.value, append))
-        return cls(tuple(ops), tuple(removes))
+        return cls(tuple(ops), tuple(removes)) if ops or removes else NO_HEADERS
 
     def merged(self, other: HeaderOps) -> HeaderOps:
+        if other is NO_HEADERS:
+            return self
+        if self is NO_HEADERS:
+            return other
         return HeaderOps(self.add + other.add, self.remove + other.remove)
+
+
+NO_HEADERS = HeaderOps()  # nothing to change: hot paths test ``is NO_HEADERS``
 
 
 @dataclass(frozen=True, slots=True)

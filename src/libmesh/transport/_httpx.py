@@ -29,11 +29,11 @@ from .._exceptions import UpstreamConnectError, UpstreamReset, UpstreamTimeout
 from .._testing import is_testing
 from ..config._rules import is_number
 from ..policy import (
+    DELIVER,
     Attempt,
     Backoff,
     Call,
     ClusterState,
-    Deliver,
     Engine,
     Fail,
     Failure,
@@ -41,7 +41,7 @@ from ..policy import (
     LocalReply,
     RequestView,
 )
-from ..policy._routing import HeaderOps
+from ..policy._routing import NO_HEADERS, HeaderOps
 
 __all__ = ["AsyncMeshTransport", "MeshInfo", "MeshTransport"]
 
@@ -159,18 +159,20 @@ class _Base:
 
         The URL keeps naming the service: the endpoint's transport connects to the endpoint
         whatever the URL says, so neither the Host header nor the URL need rewriting."""
-        saved = (request.url, request.extensions.get("timeout"), request.headers)
-        if attempt.path is not None:
-            request.url = request.url.copy_with(raw_path=attempt.path.encode("ascii"))
-        if attempt.headers or attempt.authority:
+        extensions = request.extensions
+        saved: tuple[Any, Any, Any] = (None, None, extensions.get("timeout"))
+        if attempt.path is not None or attempt.headers is not NO_HEADERS or attempt.authority:
+            saved = (request.url, request.headers, saved[2])
+            if attempt.path is not None:
+                request.url = request.url.copy_with(raw_path=attempt.path.encode("ascii"))
             request.headers = httpx.Headers(request.headers)
             _apply_header_ops(request.headers, attempt.headers)
             if attempt.authority:
                 request.headers["host"] = attempt.authority
         connect = attempt.cluster.settings.connect_timeout
         timeout = attempt.timeout
-        request.extensions["timeout"] = {
-            "connect": connect if timeout is None else min(connect, timeout),
+        extensions["timeout"] = {
+            "connect": connect if timeout is None or connect < timeout else timeout,
             "read": timeout,
             "write": timeout,
             "pool": timeout,
@@ -179,9 +181,10 @@ class _Base:
 
     @staticmethod
     def _restore(request: httpx.Request, saved: Any) -> None:
-        url, timeout, headers = saved
-        request.url = url
-        request.headers = headers
+        url, headers, timeout = saved
+        if url is not None:
+            request.url = url
+            request.headers = headers
         if timeout is None:
             request.extensions.pop("timeout", None)
         else:
@@ -192,7 +195,7 @@ class _Base:
         response: httpx.Response, call: Call, attempt: Attempt, request: httpx.Request
     ) -> httpx.Response:
         operations = call.response_headers(attempt)
-        if operations:
+        if operations is not NO_HEADERS:
             _apply_header_ops(response.headers, operations)
         if call.cookie is not None:
             response.headers.setdefault("set-cookie", call.cookie[1])
@@ -403,7 +406,7 @@ class MeshTransport(httpx.BaseTransport):
         step = call.responded(
             attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
-        if isinstance(step, Deliver):
+        if step is DELIVER:
             response.stream = _FinishingStream(
                 response.stream,  # type: ignore[arg-type]
                 lambda: call.finish(attempt),
@@ -466,7 +469,7 @@ class MeshTransport(httpx.BaseTransport):
         step = call.responded(
             attempt, outcome.status_code, outcome.headers, _grpc_status(call, outcome)
         )
-        if isinstance(step, Deliver):
+        if step is DELIVER:
             outcome.stream = _FinishingStream(
                 outcome.stream,  # type: ignore[arg-type]
                 lambda: call.finish(attempt),
@@ -654,7 +657,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         step = call.responded(
             attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
-        if isinstance(step, Deliver):
+        if step is DELIVER:
             response.stream = _AsyncFinishingStream(
                 response.stream,  # type: ignore[arg-type]
                 lambda: call.finish(attempt),
@@ -718,7 +721,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         step = call.responded(
             attempt, outcome.status_code, outcome.headers, _grpc_status(call, outcome)
         )
-        if isinstance(step, Deliver):
+        if step is DELIVER:
             outcome.stream = _AsyncFinishingStream(
                 outcome.stream,  # type: ignore[arg-type]
                 lambda: call.finish(attempt),
