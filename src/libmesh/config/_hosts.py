@@ -16,7 +16,8 @@ def resolve_host(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str
     a wildcard or an IP address is taken as written (so ``reviews.shop`` is *not* expanded,
     exactly as in Istio).
     """
-    if not host or host == "*" or host.startswith("*") or "." in host or is_ip(host):
+    # A name without dots or colons cannot be an IP address: spare the parse on the hot path.
+    if not host or "." in host or host.startswith("*") or (":" in host and is_ip(host)):
         return host
     return f"{host}.{namespace}.svc.{domain}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .._frozen import EMPTY, FrozenMap
@@ -113,21 +114,28 @@ class Registry:
         """
         fqdn = self.fqdn(host, namespace)
         scopes = [namespace if e == "." else e for e in export_to] or [namespace]
-        for service in self.services:
-            if service.host == fqdn and EVERYWHERE in service.scopes:
+        named = self._by_host.get(fqdn, ())
+        for service in named:
+            if EVERYWHERE in service.scopes:
                 return service
         for scope in scopes:
-            for service in self.services:
-                if service.host == fqdn and scope in service.scopes:
+            for service in named:
+                if scope in service.scopes:
                     return service
         bare = fqdn.lstrip("*")
-        for service in self.services:
-            if not service.is_wildcard:
-                continue
+        for service in self._by_host.get("*", ()):
             visible = EVERYWHERE in service.scopes or namespace in service.scopes
             if visible and bare.endswith(service.host[1:]):
                 return service
         return None
+
+    @cached_property
+    def _by_host(self) -> dict[str, list[RegistryService]]:
+        """Services by host, in declaration order; wildcard hosts together under ``*``."""
+        index: dict[str, list[RegistryService]] = {}
+        for service in self.services:
+            index.setdefault("*" if service.is_wildcard else service.host, []).append(service)
+        return index
 
     def workloads_of(self, service: RegistryService) -> tuple[Workload, ...]:
         """The workloads behind a service: inline endpoints, or WorkloadEntries it selects."""

@@ -29,14 +29,20 @@ __all__ = [
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 
 
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.yaml_implicit_resolvers = {
+_RESOLVERS = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+class _Loader(yaml.SafeLoader):
+    yaml_implicit_resolvers = _RESOLVERS
+
+
+# libyaml's parser when PyYAML was built with it: the same nodes and marks, several times
+# faster. Its syntax errors are terser, so a file it cannot read is read again by the Python one.
+class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    yaml_implicit_resolvers = _RESOLVERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +64,20 @@ def location_of(node: yaml.Node, file: str) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
-def parse_documents(text: str, file: str) -> Iterator[Document | YAMLSyntaxError]:
-    """Yield each document of a YAML stream; a syntax error ends the stream with its place."""
+def parse_documents(text: str, file: str) -> list[Document | YAMLSyntaxError]:
+    """Each document of a YAML stream; a syntax error ends the stream with its place."""
+    documents = list(_parse(text, file, _FastLoader))
+    if documents and isinstance(documents[-1], YAMLSyntaxError) and yaml.__with_libyaml__:
+        return list(_parse(text, file, _Loader))
+    return documents
+
+
+def _parse(
+    text: str, file: str, loader_class: type[yaml.SafeLoader]
+) -> Iterator[Document | YAMLSyntaxError]:
     index = 0  # the document being read, 1-based
     try:
-        loader = _Loader(text)
+        loader = loader_class(text)
     except yaml.reader.ReaderError as exc:
         yield YAMLSyntaxError(_reader_problem(exc), _position(text, file, exc.position), 1)
         return

@@ -229,6 +229,37 @@ class _Rules:
     annotations: dict[str, str] = field(default_factory=dict)
 
 
+class _Index:
+    """The configuration by the hosts it names, so that translating a large mesh stays linear."""
+
+    def __init__(self, config: ConfigSet, registry: Registry) -> None:
+        self.rules_by_host: dict[str, list[tuple[int, Resource[Any]]]] = {}
+        self.wildcard_rules: list[tuple[int, str, Resource[Any]]] = []
+        self.services_by_host: dict[str, list[Resource[Any]]] = {}
+        self.wildcard_services: list[tuple[str, Resource[Any]]] = []
+        self.virtual_services: dict[tuple[str, str], Resource[Any]] = {}
+        rules = 0
+        for resource in config.resources:
+            if resource.kind == "DestinationRule":
+                host = registry.fqdn(resource.spec.host, resource.namespace)
+                if host.startswith("*"):
+                    self.wildcard_rules.append((rules, host, resource))
+                else:
+                    self.rules_by_host.setdefault(host, []).append((rules, resource))
+                rules += 1
+            elif resource.kind == "VirtualService":
+                self.virtual_services.setdefault((resource.namespace, resource.name), resource)
+                vs: VirtualService = resource.spec
+                if not vs.hosts or (vs.gateways and "mesh" not in vs.gateways):
+                    continue
+                hosts = dict.fromkeys(registry.fqdn(h, resource.namespace) for h in vs.hosts)
+                for vs_host in hosts:
+                    if vs_host.startswith("*"):
+                        self.wildcard_services.append((vs_host, resource))
+                    else:
+                        self.services_by_host.setdefault(vs_host, []).append(resource)
+
+
 class _Translator:
     def __init__(
         self, config: ConfigSet, registry: Registry, node: Node, root_namespace: str
@@ -243,6 +274,8 @@ class _Translator:
             CLUSTER: {},
             ENDPOINT: {},
         }
+        self.index = _Index(config, registry)
+        self._rules: dict[tuple[str, str | None], _Rules] = {}
 
     def run(self) -> Snapshot:
         for service in self._visible_services():
@@ -269,15 +302,25 @@ class _Translator:
                 seen.add(service.host)
                 yield service
 
-    def _resources(self, kind: str) -> Iterator[Resource[Any]]:
-        return (r for r in self.config.resources if r.kind == kind)
-
     # DestinationRules ----------------------------------------------------------------------
 
     def _rules_for(self, host: str, namespace: str | None) -> _Rules:
         """The merged DestinationRules for ``host``, a service in ``namespace``."""
+        key = (host, namespace)
+        rules = self._rules.get(key)
+        if rules is None:
+            rules = self._rules[key] = self._merge_rules(host, namespace)
+        return rules
+
+    def _merge_rules(self, host: str, namespace: str | None) -> _Rules:
         candidates: list[tuple[int, int, int, Resource[Any]]] = []
-        for order, resource in enumerate(self._resources("DestinationRule")):
+        exact = ((0, order, r) for order, r in self.index.rules_by_host.get(host, ()))
+        wildcard = (
+            (1, order, r)
+            for order, rule_host, r in self.index.wildcard_rules
+            if host_matches(rule_host, host)
+        )
+        for specificity, order, resource in (*exact, *wildcard):
             rule: DestinationRule = resource.spec
             if not self._visible(rule.export_to, resource.namespace):
                 continue
@@ -289,13 +332,6 @@ class _Translator:
                     continue
             # Istio looks in the client's namespace, the service's, and the root namespace.
             if resource.namespace not in (self.node.namespace, namespace, self.root_namespace):
-                continue
-            rule_host = self.registry.fqdn(rule.host, resource.namespace)
-            if rule_host == host:
-                specificity = 0
-            elif rule_host.startswith("*") and host_matches(rule_host, host):
-                specificity = 1
-            else:
                 continue
             locality = 0 if resource.namespace == self.node.namespace else 1
             candidates.append((specificity, locality, order, resource))
@@ -482,22 +518,15 @@ class _Translator:
         return config
 
     def _virtual_service_for(self, host: str) -> Resource[Any] | None:
-        exact: list[Resource[Any]] = []
-        wildcard: list[tuple[int, Resource[Any]]] = []
-        for resource in self._resources("VirtualService"):
-            vs: VirtualService = resource.spec
-            if vs.gateways and "mesh" not in vs.gateways:
-                continue
-            if not vs.hosts or not self._visible(vs.export_to, resource.namespace):
-                continue
-            for vs_host in vs.hosts:
-                resolved = self.registry.fqdn(vs_host, resource.namespace)
-                if resolved == host:
-                    exact.append(resource)
-                elif resolved.startswith("*") and host_matches(resolved, host):
-                    wildcard.append((-len(resolved), resource))
-        if exact:
-            return exact[0]
+        for resource in self.index.services_by_host.get(host, ()):
+            if self._visible(resource.spec.export_to, resource.namespace):
+                return resource
+        wildcard = [
+            (-len(vs_host), resource)
+            for vs_host, resource in self.index.wildcard_services
+            if host_matches(vs_host, host)
+            and self._visible(resource.spec.export_to, resource.namespace)
+        ]
         return min(wildcard, key=lambda w: w[0])[1] if wildcard else None
 
     def _default_route(self, service: RegistryService, port: ServicePortInfo) -> rc.Route:
@@ -538,14 +567,7 @@ class _Translator:
                 yield http
                 continue
             namespace = http.delegate.namespace or owner.namespace
-            delegate = next(
-                (
-                    r
-                    for r in self._resources("VirtualService")
-                    if r.name == http.delegate.name and r.namespace == namespace
-                ),
-                None,
-            )
+            delegate = self.index.virtual_services.get((namespace, http.delegate.name or ""))
             if delegate is None:
                 continue
             for child in delegate.spec.http:
