@@ -21,8 +21,7 @@ import httpx
 
 from ._exceptions import ConfigError
 from ._frozen import FrozenMap
-from .config import LoadResult, Registry, load
-from .config._loader import iter_yaml_files
+from .config import Loader, LoadResult, Registry
 from .policy import ClusterStats, Engine
 from .transport import AsyncMeshTransport, MeshTransport
 from .xds import Locality, Node, Snapshot, translate
@@ -62,10 +61,9 @@ class Mesh:
     def __init__(self, engine: Engine, node: Node) -> None:
         self._engine = engine
         self.node = node
-        self._paths: tuple[str, ...] = ()
+        self._loader: Loader | None = None
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
-        self._fingerprint: tuple[tuple[str, float, int], ...] = ()
         self.last_result: LoadResult | None = None
 
     @classmethod
@@ -97,11 +95,12 @@ class Mesh:
             namespace=namespace, labels=labels, locality=locality, service_account=service_account
         )
         mesh = cls(Engine(clock=clock or time.monotonic, rng=rng), node)
-        mesh._paths = tuple(os.fspath(p) for p in paths)
+        mesh._loader = Loader(paths)
         result = mesh.reload()
         if not result.ok:
             raise ConfigError(
-                f"the mesh configuration in {', '.join(mesh._paths)} has errors", result.errors
+                f"the mesh configuration in {', '.join(mesh._loader.paths)} has errors",
+                result.errors,
             )
         if watch:
             mesh.watch(poll_interval)
@@ -115,8 +114,9 @@ class Mesh:
 
     def reload(self) -> LoadResult:
         """Re-read the files. Applies the configuration only when it has no errors."""
-        self._fingerprint = self._current_fingerprint()
-        result = load(self._paths)
+        if self._loader is None:
+            raise RuntimeError("this mesh was not made from files: there is nothing to reload")
+        result = self._loader.load()
         self.last_result = result
         for finding in result.findings:
             log = logger.error if finding.is_error else logger.warning
@@ -138,25 +138,16 @@ class Mesh:
             self._engine.update(snapshot)
             logger.info("libmesh: configuration version %s applied", snapshot.version)
 
-    def _current_fingerprint(self) -> tuple[tuple[str, float, int], ...]:
-        entries = []
-        for path in iter_yaml_files(self._paths):
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            entries.append((str(path), stat.st_mtime, stat.st_size))
-        return tuple(entries)
-
     def watch(self, poll_interval: float = 1.0) -> None:
         """Reload when the files change, checking every ``poll_interval`` seconds."""
-        if self._watcher is not None or not self._paths:
+        loader = self._loader
+        if self._watcher is not None or loader is None:
             return
 
         def loop() -> None:
             while not self._stop.wait(poll_interval):
                 try:
-                    if self._current_fingerprint() != self._fingerprint:
+                    if loader.changed():
                         self.reload()
                 except Exception:  # the watcher must survive anything a file system does
                     logger.exception("libmesh: reloading the configuration failed")

@@ -18,7 +18,7 @@ from ._analyze import ANALYZERS, analyze
 from ._findings import Code, Codes, Finding, Severity
 from ._hosts import resolve_host
 from ._kubernetes import KubernetesService, KubernetesServicePort
-from ._loader import ConfigSet, LoadResult, load, load_text
+from ._loader import ConfigSet, Loader, LoadResult, load, load_text
 from ._mesh import MeshSettings, load_mesh_settings
 from ._networking import *  # noqa: F403 - the model is part of the public surface
 from ._networking import __all__ as _networking_all
@@ -44,6 +44,7 @@ __all__ = [
     "KubernetesService",
     "KubernetesServicePort",
     "LoadResult",
+    "Loader",
     "Location",
     "MeshSettings",
     "Message",
