@@ -53,15 +53,18 @@ ISTIO_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable
 @functools.cache
 def corpus_snapshots(path: Path) -> dict[str, Snapshot]:
     """Each file on its own (some redefine the same resources), for a client in ``default`` and
-    one in every namespace the file mentions."""
+    one in every namespace the file mentions; and for grpcio and Envoy in ``default``."""
     result = load(path)
     assert result.errors == (), [e.format() for e in result.errors]
     registry = Registry.build(result.config, result.services)
     namespaces = {r.namespace for r in result.config} | {s.namespace for s in result.services}
-    return {
+    snapshots = {
         namespace: translate(result.config, registry, Node(namespace=namespace))
         for namespace in sorted(namespaces | {"default"})
     }
+    for flavor in ("grpc", "envoy"):
+        snapshots[f"default/{flavor}"] = translate(result.config, registry, Node(flavor=flavor))
+    return snapshots
 
 
 def api_listener_manager(listener: Message) -> hcm.HttpConnectionManager:
@@ -99,8 +102,14 @@ def check_round_trips(snapshot: Snapshot) -> None:
 
 
 def check_listener_names(snapshot: Snapshot) -> None:
-    """A listener, its route configuration and its virtual host are all named ``host:port``."""
+    """A listener, its route configuration and its virtual host are all named ``host:port``
+    (Envoy's single proxy listener names each virtual host so)."""
     assert set(snapshot.routes) == set(snapshot.listeners)
+    if set(snapshot.listeners) == {"http_proxy"}:
+        for vhost in snapshot.routes["http_proxy"].virtual_hosts:
+            host, _, port = vhost.name.rpartition(":")
+            assert cluster_name(int(port), "", host) in snapshot.clusters
+        return
     for name, listener in snapshot.listeners.items():
         host, _, port = name.rpartition(":")
         assert listener.name == name
@@ -190,8 +199,10 @@ def test_corpus_snapshot_version_is_a_function_of_the_content(path: Path) -> Non
     first = corpus_snapshots(path)
     result = load(path)
     registry = Registry.build(result.config, result.services)
-    for namespace, snapshot in first.items():
-        again = translate(result.config, registry, Node(namespace=namespace))
+    for key, snapshot in first.items():
+        namespace, _, flavor = key.partition("/")
+        node = Node(namespace=namespace, flavor=flavor or "libmesh")
+        again = translate(result.config, registry, node)
         assert again.version == snapshot.version
         assert len(snapshot.version) > 0
 
@@ -485,6 +496,71 @@ def test_a_service_in_another_namespace_is_not_reachable_by_its_bare_name() -> N
 
     assert "reviews" not in domains
     assert {REVIEWS, "reviews.shop", "reviews.shop.svc"} <= set(domains)
+
+
+ENVOY = Node(namespace="shop", flavor="envoy", http_proxy_address="127.0.0.1:15901")
+PORT_80 = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: alt, protocol: HTTP}]
+  endpoints: [{address: 10.0.3.1}]
+"""
+
+
+def test_envoy_gets_one_http_listener_on_its_proxy_address_instead_of_socketless_ones() -> None:
+    snapshot = mesh(node=ENVOY)
+
+    (listener,) = snapshot.listeners.values()
+    assert listener.name == "http_proxy"
+    assert not listener.HasField("api_listener")
+    address = listener.address.socket_address
+    assert (address.address, address.port_value) == ("127.0.0.1", 15901)
+    (filter_,) = listener.filter_chains[0].filters
+    manager = hcm.HttpConnectionManager()
+    assert filter_.typed_config.Unpack(manager)
+    assert [f.name for f in manager.http_filters] == [FAULT_FILTER, ROUTER_FILTER]
+    assert manager.rds.route_config_name == "http_proxy"
+    assert manager.http_protocol_options.allow_absolute_url.value  # usable as http_proxy
+    assert set(snapshot.routes) == {"http_proxy"}
+
+
+def test_envoys_virtual_hosts_route_exactly_as_the_socketless_listeners_do() -> None:
+    canary = """
+        - route:
+          - {destination: {host: reviews, subset: v1}, weight: 90}
+          - {destination: {host: reviews, subset: v2}, weight: 10}
+        """
+    documents = [destination_rule(SUBSETS), virtual_service(canary)]
+    libmesh, envoy = mesh(*documents), mesh(*documents, node=ENVOY)
+
+    proxied = {v.name: v for v in envoy.routes["http_proxy"].virtual_hosts}
+    for name, config in libmesh.routes.items():
+        assert list(proxied[name].routes) == list(config.virtual_hosts[0].routes)
+    assert envoy.clusters == libmesh.clusters
+    assert envoy.endpoints == libmesh.endpoints
+
+
+def test_envoys_domains_carry_the_port_but_for_port_80_and_are_never_repeated() -> None:
+    config = mesh(PORT_80, node=ENVOY).routes["http_proxy"]
+
+    domains = {v.name: set(v.domains) for v in config.virtual_hosts}
+    web = "web.shop.svc.cluster.local"
+    assert {"web", "web:80", web} <= domains[f"{web}:80"]
+    assert "web" not in domains[f"{web}:8080"]
+    assert "web:8080" in domains[f"{web}:8080"]
+    assert all(d.endswith(":8080") for d in domains[REVIEWS_LISTENER])
+    every = [d for v in config.virtual_hosts for d in v.domains]
+    assert len(every) == len(set(every))  # Envoy rejects a route configuration that repeats one
+
+
+def test_an_unknown_flavor_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown node flavor 'Envoy'"):
+        Node(flavor="Envoy")
 
 
 # -- routing ---------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Workload:
     network: str = ""
     service_account: str = ""
     source: ResourceRef | None = None
+    healthy: bool = True  # what the workload last reported (self-registered ones report)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,11 @@ class Registry:
             services.append(_from_kubernetes(k8s, domain))
         return cls(tuple(services), tuple(workloads), domain)
 
+    def with_workloads(self, workloads: Iterable[Workload]) -> Registry:
+        """This registry plus ``workloads`` (registered at run time), selected like
+        WorkloadEntries."""
+        return Registry(self.services, (*self.workloads, *workloads), self.domain)
+
     def fqdn(self, host: str, namespace: str) -> str:
         return resolve_host(host, namespace, self.domain)
 
@@ -145,9 +151,16 @@ class Registry:
             return ()
         return tuple(
             w
-            for w in self.workloads
-            if w.namespace == service.namespace and labels_match(service.selector, w.labels)
+            for w in self._workloads_by_namespace.get(service.namespace, ())
+            if labels_match(service.selector, w.labels)
         )
+
+    @cached_property
+    def _workloads_by_namespace(self) -> dict[str, list[Workload]]:
+        index: dict[str, list[Workload]] = {}
+        for workload in self.workloads:
+            index.setdefault(workload.namespace, []).append(workload)
+        return index
 
 
 def _scopes(export_to: Iterable[str], namespace: str) -> frozenset[str]:

@@ -17,6 +17,7 @@ from .._frozen import EMPTY, FrozenMap
 __all__ = [
     "CLUSTER",
     "ENDPOINT",
+    "FLAVORS",
     "LISTENER",
     "ROUTE",
     "TYPE_URLS",
@@ -60,6 +61,9 @@ class Locality:
         return "/".join(p for p in (self.region, self.zone, self.subzone) if p)
 
 
+FLAVORS = ("libmesh", "grpc", "envoy")
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """The client the configuration is made for. Routing depends on who asks: short host names
@@ -71,9 +75,18 @@ class Node:
     labels: FrozenMap[str, str] = field(default=EMPTY)
     locality: Locality = field(default_factory=Locality)
     service_account: str = "default"
-    # What reads the resources: "envoy" (Envoy and libmesh, which read everything Envoy
-    # reads) or "grpc" (grpcio's xDS client, which reads a subset; Istio's "grpcgen" too).
-    flavor: str = "envoy"
+    # What reads the resources: "libmesh" (a listener without a socket per host:port, and
+    # everything else Envoy reads), "grpc" (grpcio's xDS client, which reads a subset;
+    # Istio's "grpcgen") or "envoy" (a real Envoy: one HTTP listener on http_proxy_address
+    # instead of the socketless ones, which Envoy accepts only in its bootstrap).
+    flavor: str = "libmesh"
+    http_proxy_address: str = "127.0.0.1:15001"
+
+    def __post_init__(self) -> None:
+        if self.flavor not in FLAVORS:
+            raise ValueError(
+                f"unknown node flavor {self.flavor!r}; the flavors are {', '.join(FLAVORS)}"
+            )
 
 
 @dataclass(frozen=True)

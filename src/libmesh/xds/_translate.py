@@ -81,6 +81,7 @@ from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Locality, Node, Snaps
 __all__ = [
     "DEFAULT_RETRY_ON",
     "FAULT_FILTER",
+    "HTTP_PROXY_LISTENER",
     "ROUTER_FILTER",
     "cluster_name",
     "parse_cluster_name",
@@ -88,6 +89,9 @@ __all__ = [
 ]
 
 FAULT_FILTER = "envoy.filters.http.fault"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+# The listener (and its route configuration) a real Envoy serves applications on.
+HTTP_PROXY_LISTENER = "http_proxy"
 ROUTER_FILTER = "envoy.filters.http.router"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 CONSECUTIVE_ERRORS_MONITOR = "envoy.outlier_detection_monitors.consecutive_errors"
@@ -278,12 +282,20 @@ class _Translator:
         self._rules: dict[tuple[str, str | None], _Rules] = {}
 
     def run(self) -> Snapshot:
+        virtual_hosts: list[rc.VirtualHost] = []
         for service in self._visible_services():
             rules = self._rules_for(service.host, service.namespace)
             for port in service.ports:
                 self._build_clusters(service, port, rules)
+                if cluster_name(port.number, "", service.host) not in self.resources[CLUSTER]:
+                    continue  # a service this client cannot reach (grpcio: original-destination)
                 if port.protocol in HTTP_PROTOCOLS or port.protocol is None:
-                    self._build_listener(service, port)
+                    virtual_hosts.append(self._virtual_host(service, port))
+        if self.node.flavor == "envoy":
+            self._build_proxy_listener(virtual_hosts)
+        else:
+            for vhost in virtual_hosts:
+                self._build_api_listener(vhost)
         return Snapshot.of(self.resources)
 
     # visibility ---------------------------------------------------------------------------
@@ -477,18 +489,58 @@ class _Translator:
 
     # listeners and routes -------------------------------------------------------------------
 
-    def _build_listener(self, service: RegistryService, port: ServicePortInfo) -> None:
-        name = f"{service.host}:{port.number}"
+    def _http_connection_manager(self, name: str) -> hcm.HttpConnectionManager:
         manager = hcm.HttpConnectionManager(stat_prefix=name)
         manager.rds.route_config_name = name
         manager.rds.config_source.ads.SetInParent()
         manager.rds.config_source.resource_api_version = config_source_pb2.V3
         manager.http_filters.add(name=FAULT_FILTER).typed_config.Pack(fault_pb2.HTTPFault())
         manager.http_filters.add(name=ROUTER_FILTER).typed_config.Pack(router_pb2.Router())
+        return manager
+
+    def _build_api_listener(self, vhost: rc.VirtualHost) -> None:
+        """A listener without a socket, one per ``host:port``, as grpcio reads them: the
+        client dialing ``xds:///host:port`` asks for it by name."""
+        name = vhost.name
+        manager = self._http_connection_manager(name)
         listener = listener_pb2.Listener(name=name)
         listener.api_listener.CopyFrom(api_listener_pb2.ApiListener(api_listener=_any(manager)))
         self.resources[LISTENER][name] = listener
-        self.resources[ROUTE][name] = self._route_configuration(name, service, port)
+        config = route_pb2.RouteConfiguration(name=name, validate_clusters=wrappers_pb2.BoolValue())
+        config.virtual_hosts.append(vhost)
+        self.resources[ROUTE][name] = config
+
+    def _build_proxy_listener(self, virtual_hosts: Sequence[rc.VirtualHost]) -> None:
+        """For a real Envoy: one HTTP listener on the node's proxy address that routes every
+        service by the request's authority. Applications send it plain requests with the
+        service's host (or use it as their ``http_proxy``), the way Istio's sidecar is reached
+        without iptables. Each domain belongs to one virtual host: a bare host name only to its
+        port 80, as that is the only port a client leaves out of ``Host``."""
+        host, _, port = self.node.http_proxy_address.rpartition(":")
+        manager = self._http_connection_manager(HTTP_PROXY_LISTENER)
+        manager.http_protocol_options.allow_absolute_url.value = True
+        listener = listener_pb2.Listener(name=HTTP_PROXY_LISTENER)
+        listener.address.socket_address.address = host.strip("[]")
+        listener.address.socket_address.port_value = int(port)
+        chain = listener.filter_chains.add()
+        chain.filters.add(name=HCM_FILTER).typed_config.Pack(manager)
+        self.resources[LISTENER][HTTP_PROXY_LISTENER] = listener
+        config = route_pb2.RouteConfiguration(
+            name=HTTP_PROXY_LISTENER, validate_clusters=wrappers_pb2.BoolValue()
+        )
+        taken: set[str] = set()
+        for vhost in virtual_hosts:
+            port_suffix = ":" + vhost.name.rpartition(":")[2]
+            domains = [d for d in vhost.domains if d.endswith(port_suffix) or port_suffix == ":80"]
+            domains = [d for d in domains if d not in taken]
+            if not domains:
+                continue
+            taken.update(domains)
+            proxied = config.virtual_hosts.add()
+            proxied.CopyFrom(vhost)
+            del proxied.domains[:]
+            proxied.domains.extend(domains)
+        self.resources[ROUTE][HTTP_PROXY_LISTENER] = config
 
     def _domains(self, service: RegistryService, port: int) -> list[str]:
         names = [service.host]
@@ -501,11 +553,9 @@ class _Translator:
             names += [short, short + ".svc"]
         return [d for n in dict.fromkeys(names) for d in (n, f"{n}:{port}")]
 
-    def _route_configuration(
-        self, name: str, service: RegistryService, port: ServicePortInfo
-    ) -> route_pb2.RouteConfiguration:
-        config = route_pb2.RouteConfiguration(name=name, validate_clusters=wrappers_pb2.BoolValue())
-        vhost = config.virtual_hosts.add(name=name, domains=self._domains(service, port.number))
+    def _virtual_host(self, service: RegistryService, port: ServicePortInfo) -> rc.VirtualHost:
+        name = f"{service.host}:{port.number}"
+        vhost = rc.VirtualHost(name=name, domains=self._domains(service, port.number))
         virtual_service = self._virtual_service_for(service.host)
         routes = (
             self._http_routes(virtual_service, service, port)
@@ -515,7 +565,7 @@ class _Translator:
         if routes is None:
             routes = [self._default_route(service, port)]
         vhost.routes.extend(routes)
-        return config
+        return vhost
 
     def _virtual_service_for(self, host: str) -> Resource[Any] | None:
         for resource in self.index.services_by_host.get(host, ()):
@@ -785,7 +835,9 @@ def _lb_endpoint(
         socket.protocol = address_pb2.SocketAddress.TCP
     else:
         return None
-    endpoint.health_status = health_check_pb2.HEALTHY
+    endpoint.health_status = (
+        health_check_pb2.HEALTHY if workload.healthy else health_check_pb2.UNHEALTHY
+    )
     endpoint.load_balancing_weight.value = workload.weight or 1
     labels = struct_pb2.Struct()
     labels.update(dict(workload.labels))
