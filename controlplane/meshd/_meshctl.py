@@ -2,6 +2,7 @@
 
 meshctl validate -f mesh/            every resource, on its own: schema and Istio's rules
 meshctl analyze  -f mesh/            the same, plus checks across resources
+meshctl proxy-status                 each client of a running meshd: SYNCED, STALE or NACKED
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from libmesh import ConfigError, __version__
 from libmesh.config import Finding, LoadResult, Severity, analyze, load, load_mesh_settings
@@ -75,6 +76,30 @@ def _parser() -> argparse.ArgumentParser:
         help="an Istio MeshConfig YAML file (rootNamespace, DNS auto-allocation)",
     )
     analyze_cmd.set_defaults(run=_analyze)
+
+    status = commands.add_parser(
+        "proxy-status",
+        help="show whether each client of a running meshd has its latest configuration",
+        description=(
+            "Ask a running meshd which clients are connected and, per resource type, whether "
+            "each accepted the last configuration it was sent (SYNCED), rejected it (NACKED, "
+            "with the client's error), has not answered yet (STALE) or was sent nothing (NOT "
+            "SENT). Exits 1 when a client rejected its configuration."
+        ),
+    )
+    status.add_argument(
+        "name",
+        nargs="?",
+        help="only clients whose node id starts with this",
+    )
+    status.add_argument(
+        "--admin-address",
+        default="127.0.0.1:15014",
+        metavar="HOST:PORT",
+        help="meshd's admin address (default: 127.0.0.1:15014)",
+    )
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.set_defaults(run=_proxy_status)
     return parser
 
 
@@ -128,6 +153,70 @@ def _analyze(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     _report(findings, result, args.output, out, err, with_code=True)
     threshold = Severity[args.failure_threshold.upper()]
     return EXIT_FINDINGS if any(f.level >= threshold for f in findings) else EXIT_OK
+
+
+_TYPES = ("cds", "lds", "eds", "rds")
+
+
+def _proxy_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import httpx
+
+    url = f"http://{args.admin_address}/debug/syncz"
+    try:
+        response = httpx.get(url, timeout=10)
+        response.raise_for_status()
+        document = response.json()
+    except httpx.HTTPError as exc:
+        err.write(
+            f"meshctl: cannot read {url}: {exc}\n"
+            "  is meshd running, and is --admin-address its admin address?\n"
+        )
+        return EXIT_USAGE
+    clients = [
+        c for c in document["clients"] if not args.name or str(c["node"]).startswith(args.name)
+    ]
+    if args.output == "json":
+        json.dump(clients, out, indent=2)
+        out.write("\n")
+    else:
+        _status_table(clients, out)
+    nacked = any(c["types"][t]["status"] == "NACKED" for c in clients for t in _TYPES)
+    if not clients:
+        err.write(
+            "no clients are connected" + (f" matching {args.name!r}" if args.name else "") + "\n"
+        )
+    return EXIT_FINDINGS if nacked else EXIT_OK
+
+
+def _status_table(clients: Sequence[dict[str, Any]], out: TextIO) -> None:
+    header = ["NAME", *(t.upper() for t in _TYPES), "NAMESPACE", "CLIENT", "VERSION"]
+    rows = []
+    errors = []
+    for client in clients:
+        types = client["types"]
+        versions = {types[t].get("acked_version") for t in _TYPES} - {None, ""}
+        rows.append(
+            [
+                client["node"] or client["id"],
+                *(types[t]["status"].replace(" ", "_") for t in _TYPES),
+                client["namespace"],
+                client["flavor"] + (" (delta)" if client["protocol"] == "delta" else ""),
+                ",".join(sorted(versions)) or "-",
+            ]
+        )
+        for t in _TYPES:
+            nack = types[t].get("nack")
+            if types[t]["status"] == "NACKED" and nack:
+                errors.append(
+                    f"{client['node'] or client['id']}: {t.upper()} version {nack['version']} "
+                    f"rejected: {nack['error']}"
+                )
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+    if errors:
+        out.write("\n" + "\n".join(errors) + "\n")
 
 
 def _order(finding: Finding) -> tuple[str, int, int, str]:

@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 import libmesh
+from tests.conftest import Backends, service, unused_port
 
-from .conftest import Backends, Caller, service, unused_port
+from .conftest import Caller
 
 URL = "http://reviews.shop.svc.cluster.local:8080"
 Connect = Callable[[libmesh.Mesh], Caller]

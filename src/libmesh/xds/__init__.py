@@ -1,19 +1,50 @@
-"""xDS v3: the translator from Istio configuration, and the resources every data plane reads."""
+"""xDS v3: the translator from Istio configuration, the resources every data plane reads, and
+how a data plane introduces itself to the control plane."""
 
-from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS, Locality, Node, Snapshot
-from ._translate import DEFAULT_RETRY_ON, cluster_name, parse_cluster_name, translate
+from ._node import HEALTH_INFO_TYPE, NodeError, Registration, node_from_proto, node_to_proto
+from ._snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    FLAVORS,
+    LISTENER,
+    MESSAGE_TYPES,
+    ROUTE,
+    TYPE_URLS,
+    Locality,
+    Node,
+    Snapshot,
+)
+from ._translate import (
+    DEFAULT_RETRY_ON,
+    HTTP_PROXY_LISTENER,
+    cluster_name,
+    labels_read,
+    parse_cluster_name,
+    translate,
+    translation_key,
+)
 
 __all__ = [
     "CLUSTER",
     "DEFAULT_RETRY_ON",
     "ENDPOINT",
+    "FLAVORS",
+    "HEALTH_INFO_TYPE",
+    "HTTP_PROXY_LISTENER",
     "LISTENER",
+    "MESSAGE_TYPES",
     "ROUTE",
     "TYPE_URLS",
     "Locality",
     "Node",
+    "NodeError",
+    "Registration",
     "Snapshot",
     "cluster_name",
+    "labels_read",
+    "node_from_proto",
+    "node_to_proto",
     "parse_cluster_name",
     "translate",
+    "translation_key",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "ENDPOINT",
     "FLAVORS",
     "LISTENER",
+    "MESSAGE_TYPES",
     "ROUTE",
     "TYPE_URLS",
     "Locality",

@@ -42,7 +42,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from .._duration import Duration
-from .._frozen import EMPTY
+from .._frozen import EMPTY, FrozenMap
 from ..config import (
     ConfigSet,
     DestinationRule,
@@ -84,8 +84,10 @@ __all__ = [
     "HTTP_PROXY_LISTENER",
     "ROUTER_FILTER",
     "cluster_name",
+    "labels_read",
     "parse_cluster_name",
     "translate",
+    "translation_key",
 ]
 
 FAULT_FILTER = "envoy.filters.http.fault"
@@ -134,6 +136,34 @@ def parse_cluster_name(name: str) -> tuple[int, str, str] | None:
     if len(parts) != 4 or parts[0] != "outbound" or not is_number(parts[1]):
         return None
     return int(parts[1]), parts[2], parts[3]
+
+
+def labels_read(config: ConfigSet) -> frozenset[str]:
+    """The node labels translation looks at (``sourceLabels``, DestinationRule selectors)."""
+    keys: set[str] = set()
+    for resource in config.resources:
+        if resource.kind == "VirtualService":
+            for http in resource.spec.http:
+                for match in http.match:
+                    keys.update(match.source_labels)
+        elif resource.kind == "DestinationRule" and resource.spec.workload_selector is not None:
+            keys.update(resource.spec.workload_selector.match_labels)
+    return frozenset(keys)
+
+
+def translation_key(node: Node, labels: frozenset[str]) -> Node:
+    """``node`` reduced to what :func:`translate` reads of it, given the ``labels`` the config
+    reads (:func:`labels_read`): nodes with the same key get the same resources, so a control
+    plane translates once per key, not once per client."""
+    return Node(
+        id="",
+        namespace=node.namespace,
+        labels=FrozenMap((k, v) for k, v in sorted(node.labels.items()) if k in labels),
+        locality=node.locality,
+        service_account="",
+        flavor=node.flavor,
+        http_proxy_address=node.http_proxy_address if node.flavor == "envoy" else "",
+    )
 
 
 def translate(

@@ -1,0 +1,136 @@
+"""The ``meshd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from libmesh import __version__
+from libmesh._duration import parse_duration
+
+from ._server import Meshd, Settings, StartupError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("meshd")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text).seconds
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (write a duration such as 10s or 500ms)") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshd",
+        description=(
+            "The libmesh control plane: serves Istio-style YAML from a directory to libmesh, "
+            "grpcio (xds:///) and Envoy over xDS v3 (ADS), and keeps the service registry."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"meshd {__version__}")
+    parser.add_argument(
+        "--config-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the directory of YAML files to serve (read recursively, watched for changes)",
+    )
+    parser.add_argument(
+        "--xds-address",
+        default="127.0.0.1:15010",
+        metavar="HOST:PORT",
+        help="where to serve xDS over plaintext gRPC (default: 127.0.0.1:15010; port 0 picks one)",
+    )
+    parser.add_argument(
+        "--admin-address",
+        default="127.0.0.1:15014",
+        metavar="HOST:PORT",
+        help="where to serve /metrics, /ready and /debug/* (default: 127.0.0.1:15014)",
+    )
+    parser.add_argument(
+        "--registration-grace",
+        default=10.0,
+        type=_seconds,
+        metavar="DURATION",
+        help="how long a self-registered workload stays an endpoint after it disconnects "
+        "(default: 10s)",
+    )
+    parser.add_argument(
+        "--debounce",
+        default=0.1,
+        type=_seconds,
+        metavar="DURATION",
+        help="how long to wait for more changes before pushing (default: 100ms)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    settings = Settings(
+        config_dir=args.config_dir,
+        xds_address=args.xds_address,
+        admin_address=args.admin_address,
+        registration_grace=args.registration_grace,
+        debounce=args.debounce,
+    )
+    try:
+        return asyncio.run(_run(settings))
+    except StartupError as exc:
+        logger.error("meshd: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(settings: Settings) -> int:
+    meshd = Meshd(settings)
+    await meshd.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    result = meshd.config
+    assert result is not None
+    xds_host = settings.xds_address.rpartition(":")[0]
+    admin_host = settings.admin_address.rpartition(":")[0]
+    logger.info(
+        "meshd %s is serving %d resources from %s\n"
+        "  xDS (ADS over gRPC)  %s:%d\n"
+        "  admin (HTTP)         http://%s:%d/  (metrics, ready, debug/syncz, debug/configz)",
+        __version__,
+        len(result.config),
+        settings.config_dir,
+        xds_host,
+        meshd.xds_port,
+        admin_host,
+        meshd.admin_port,
+    )
+    await stop.wait()
+    logger.info("meshd: stopping")
+    await meshd.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
