@@ -8,6 +8,7 @@ import logging
 
 from ._exceptions import (
     ConfigError,
+    ConfigTimeout,
     MeshError,
     UpstreamConnectError,
     UpstreamError,
@@ -21,6 +22,7 @@ from .transport import AsyncMeshTransport, MeshInfo, MeshTransport
 __all__ = [
     "AsyncMeshTransport",
     "ConfigError",
+    "ConfigTimeout",
     "Mesh",
     "MeshError",
     "MeshInfo",

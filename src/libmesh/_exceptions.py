@@ -6,6 +6,7 @@ exception a caller already catches for that situation, so ``except httpx.HTTPErr
 
     MeshError
      ├── ConfigError (ValueError)              configuration that cannot be used as it is
+     ├── ConfigTimeout (TimeoutError)          no configuration from the control plane in time
      └── UpstreamError (httpx.TransportError)  a request got no response from upstream
           ├── UpstreamConnectError (httpx.ConnectError, ConnectionError)   flags UF, URX
           ├── UpstreamTimeout (httpx.TimeoutException, TimeoutError)       flag UT
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigError",
+    "ConfigTimeout",
     "MeshError",
     "UpstreamConnectError",
     "UpstreamError",
@@ -46,6 +48,10 @@ class ConfigError(MeshError, ValueError):
         lines = [message, *(f.format() for f in findings if f.is_error)]
         super().__init__("\n  ".join(lines))
         self.findings = tuple(findings)
+
+
+class ConfigTimeout(MeshError, TimeoutError):
+    """The control plane sent no configuration within the wait, and none was saved."""
 
 
 class UpstreamError(MeshError, httpx.TransportError):

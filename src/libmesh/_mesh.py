@@ -1,34 +1,62 @@
-"""The mesh, in local mode: Istio YAML files, translated in-process, reloaded when they change.
+"""The mesh: an engine, and where its configuration comes from.
 
-    mesh = libmesh.Mesh.from_files("mesh/", namespace="shop", labels={"app": "frontend"})
+Connected to meshd (or any xDS control plane)::
+
+    mesh = libmesh.Mesh.connect("127.0.0.1:15010", namespace="shop", labels={"app": "frontend"})
     client = httpx.Client(transport=mesh.transport())
 
-The same translator as meshd's runs here, so a process configured from files behaves exactly as
-it would when configured by meshd.
+or in local mode, from Istio YAML files translated in-process and reloaded when they change::
+
+    mesh = libmesh.Mesh.from_files("mesh/", namespace="shop", labels={"app": "frontend"})
+
+The same translator as meshd's runs in local mode, and the engine is built only from xDS
+resources in both, so a process behaves the same whichever way it is configured.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, ConfigTimeout
 from ._frozen import FrozenMap
 from .config import Loader, LoadResult, Registry
 from .policy import ClusterStats, Engine
 from .transport import AsyncMeshTransport, MeshTransport
-from .xds import Locality, Node, Snapshot, translate
+from .xds import Locality, Node, Registration, Snapshot, translate
+from .xds._client import XdsClient, XdsStatus
 
-__all__ = ["Mesh", "node_from_environment"]
+__all__ = ["DEFAULT", "Mesh", "node_from_environment"]
 
 logger = logging.getLogger("libmesh")
+
+DEFAULT_XDS_ADDRESS = "127.0.0.1:15010"
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()  # "not passed": distinct from None, which turns a feature off
+
+
+def _default_node_id(labels: Mapping[str, str], namespace: str | None) -> str:
+    """Unique per process, readable in ``meshctl proxy-status``: ``app-host-pid.namespace``."""
+    app = labels.get("app", "libmesh")
+    namespace = namespace or os.environ.get("LIBMESH_NAMESPACE", "default")
+    return f"{app}-{socket.gethostname()}-{os.getpid()}.{namespace}"
 
 
 def node_from_environment(
@@ -47,7 +75,7 @@ def node_from_environment(
         raw = env.get("LIBMESH_LABELS", "")
         labels = dict(p.split("=", 1) for p in raw.split(",") if "=" in p)
     return Node(
-        id=node_id or env.get("LIBMESH_NODE_ID", "libmesh"),
+        id=node_id or env.get("LIBMESH_NODE_ID", "") or _default_node_id(labels, namespace),
         namespace=namespace or env.get("LIBMESH_NAMESPACE", "default"),
         labels=FrozenMap(labels),
         locality=Locality.parse(locality if locality is not None else env.get("LIBMESH_LOCALITY")),
@@ -62,6 +90,7 @@ class Mesh:
         self._engine = engine
         self.node = node
         self._loader: Loader | None = None
+        self._xds: XdsClient | None = None
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.last_result: LoadResult | None = None
@@ -105,6 +134,97 @@ class Mesh:
         if watch:
             mesh.watch(poll_interval)
         return mesh
+
+    @classmethod
+    def connect(
+        cls,
+        address: str | None = None,
+        *,
+        namespace: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        locality: str | None = None,
+        service_account: str | None = None,
+        node_id: str | None = None,
+        ports: Mapping[str, int] | None = None,
+        workload_address: str = "",
+        wait: float | None = 10.0,
+        state_file: str | os.PathLike[str] | None = DEFAULT,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> Mesh:
+        """A mesh configured by meshd (or any xDS v3 control plane) at ``address`` (default:
+        ``LIBMESH_XDS_ADDRESS``, else ``127.0.0.1:15010``), over one background ADS stream.
+
+        Waits up to ``wait`` seconds for the first configuration (``None``: as long as it
+        takes; ``0``: not at all, requests pass through untouched until it arrives) and raises
+        :class:`ConfigTimeout` when none came. Each configuration is saved to ``state_file``
+        (default: a file per workload under ``LIBMESH_STATE_DIR`` or ``~/.cache/libmesh``;
+        ``None`` saves nothing); when the control plane cannot be reached, the saved one is
+        served at once, until the control plane is back.
+
+        With ``ports`` (``{"http": 8080}``, by service port name), this process registers
+        itself: while it is connected, it is an endpoint of the services whose selector matches
+        its ``labels``, at ``workload_address`` (default: the address it connects from).
+        """
+        address = address or os.environ.get("LIBMESH_XDS_ADDRESS") or DEFAULT_XDS_ADDRESS
+        node = node_from_environment(
+            namespace=namespace,
+            labels=labels,
+            locality=locality,
+            service_account=service_account,
+            node_id=node_id,
+        )
+        registration = (
+            Registration(
+                name=node.id.removesuffix(f".{node.namespace}"),
+                address=workload_address,
+                ports=FrozenMap(ports),
+            )
+            if ports
+            else None
+        )
+        path = _default_state_file(address, node) if state_file is DEFAULT else state_file
+        engine = Engine(clock=clock or time.monotonic, rng=rng)
+        mesh = cls(engine, node)
+        from . import __version__
+
+        client = XdsClient(
+            address,
+            node,
+            engine.update,
+            check=engine.check,
+            registration=registration,
+            state_file=Path(path) if path is not None else None,
+            version=__version__,
+        )
+        mesh._xds = client
+        client.start()
+        if (wait is None or wait > 0) and not client.wait(wait):
+            client.close()
+            saved = f"no configuration saved in {path}" if path else "no saved configuration"
+            raise ConfigTimeout(
+                f"no configuration from the control plane at {address} within {wait}s "
+                f"({client.status.last_error or 'no answer'}), and {saved}; is meshd "
+                "running there (LIBMESH_XDS_ADDRESS)?"
+            )
+        return mesh
+
+    @classmethod
+    async def aconnect(cls, address: str | None = None, **options: Any) -> Mesh:
+        """:meth:`connect`, without blocking the event loop while it waits."""
+        return await asyncio.to_thread(cls.connect, address, **options)
+
+    @property
+    def xds_status(self) -> XdsStatus | None:
+        """The control-plane connection's state, or ``None`` in local mode."""
+        return self._xds.status if self._xds is not None else None
+
+    def report_health(self, healthy: bool, message: str = "") -> None:
+        """Tell the control plane whether this (self-registered) workload can take traffic;
+        meshd marks its endpoint healthy or unhealthy in every client's EDS."""
+        if self._xds is None:
+            raise RuntimeError("report_health needs a mesh from Mesh.connect")
+        self._xds.report_health(healthy, message)
 
     @property
     def engine(self) -> Engine:
@@ -157,6 +277,8 @@ class Mesh:
 
     def close(self) -> None:
         self._stop.set()
+        if self._xds is not None:
+            self._xds.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
             self._watcher = None
@@ -199,3 +321,20 @@ class Mesh:
             for name, cluster in self._engine.clusters.items()
             if any(h.monitor.ejected for h in cluster.hosts)
         }
+
+
+def _default_state_file(address: str, node: Node) -> Path:
+    """One file per workload and control plane, stable across restarts of the process."""
+    identity = "|".join(
+        [
+            address,
+            node.namespace,
+            node.service_account,
+            *sorted(f"{k}={v}" for k, v in node.labels.items()),
+        ]
+    )
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    base = os.environ.get("LIBMESH_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "libmesh"
+    )
+    return Path(base) / f"xds-{node.namespace}-{digest}.state"

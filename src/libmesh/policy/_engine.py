@@ -15,13 +15,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from google.protobuf.message import Message
 
 from ..config._rules import is_number
-from ..xds import Snapshot
+from ..xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from ._balancer import Host, hash_key
 from ._cluster import Admission, ClusterKind, ClusterState
 from ._request import RequestView
@@ -521,19 +525,55 @@ class Engine:
         self.rng = rng or random.Random()
         self._clusters: dict[str, ClusterState] = {}
         self._tables = _Tables()
+        self._compiled: dict[str, tuple[route_pb2.RouteConfiguration, RouteTable]] = {}
         self._lock = threading.Lock()
         self.version = ""
         if snapshot is not None:
             self.update(snapshot)
 
+    def check(self, type_url: str, resource: Message) -> str | None:
+        """Why the engine could not use ``resource`` (an xDS resource of ``type_url``), or
+        ``None`` when it can: a data plane NACKs what it cannot apply."""
+        try:
+            if type_url == LISTENER:
+                assert isinstance(resource, listener_pb2.Listener)
+                if _route_name(resource) is None:
+                    return (
+                        "libmesh reads listeners with an api_listener whose HTTP connection "
+                        "manager names its routes (rds)"
+                    )
+            elif type_url == ROUTE:
+                assert isinstance(resource, route_pb2.RouteConfiguration)
+                RouteTable.compile(resource)
+            elif type_url == CLUSTER:
+                assert isinstance(resource, cluster_pb2.Cluster)
+                ClusterState(resource, self.clock, random.Random(0))
+            elif type_url == ENDPOINT:
+                assert isinstance(resource, endpoint_pb2.ClusterLoadAssignment)
+                return _check_assignment(resource)
+            else:
+                return f"libmesh does not read {type_url}"
+        except Exception as exc:  # whatever a resource makes the compiler raise is a rejection
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return None
+
     def update(self, snapshot: Snapshot) -> None:
         tables = _Tables()
+        compiled: dict[str, tuple[route_pb2.RouteConfiguration, RouteTable]] = {}
         for name, listener in snapshot.listeners.items():
             route_name = _route_name(listener) or name
             route_config = snapshot.routes.get(route_name)
             if route_config is None:
                 continue
-            table = RouteTable.compile(route_config)
+            # The same route configuration object as last time (a client's cache keeps the
+            # ones that did not change) keeps its compiled table, and its weighted pickers'
+            # place in their rotation.
+            known = self._compiled.get(route_name)
+            if known is not None and known[0] is route_config:
+                table = known[1]
+            else:
+                table = RouteTable.compile(route_config)
+            compiled[route_name] = (route_config, table)
             tables.routes[name] = table
             for vhost in route_config.virtual_hosts:
                 for domain in vhost.domains:
@@ -555,6 +595,7 @@ class Engine:
                 clusters[name] = state
             self._clusters = clusters
             self._tables = tables
+            self._compiled = compiled
             self.version = snapshot.version
 
     def cluster(self, name: str) -> ClusterState | None:
@@ -596,6 +637,22 @@ class Engine:
         if isinstance(decision, DirectResponse):
             return LocalReply(decision.status, decision.body)
         return Call(self, decision, request)
+
+
+def _check_assignment(assignment: endpoint_pb2.ClusterLoadAssignment) -> str | None:
+    for group in assignment.endpoints:
+        for lb_endpoint in group.lb_endpoints:
+            address = lb_endpoint.endpoint.address
+            if address.HasField("pipe"):
+                if not address.pipe.path:
+                    return "an endpoint has an empty pipe path"
+                continue
+            socket = address.socket_address
+            if not socket.address:
+                return "an endpoint has no address"
+            if not 1 <= socket.port_value <= 65535:
+                return f"endpoint {socket.address} has port {socket.port_value}, not 1-65535"
+    return None
 
 
 def _route_name(listener: listener_pb2.Listener) -> str | None:

@@ -1,0 +1,186 @@
+"""libmesh's xDS client against a scripted control plane: a real gRPC server that sends exactly
+the responses a test gives it, to show what the client does with resources meshd would never
+send (a route with a regex RE2 refuses, a listener libmesh cannot use, a corrupt saved file)."""
+
+from __future__ import annotations
+
+import queue
+import textwrap
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+import libmesh
+from libmesh.config import Registry, load_text
+from libmesh.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Node, translate
+
+MESH = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1, ports: {http: 9}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1, ports: {http: 9}}]
+"""
+REVIEWS = "reviews.shop.svc.cluster.local:8080"
+RATINGS = "ratings.shop.svc.cluster.local:8080"
+
+
+class ScriptedControlPlane:
+    """Answers each request type with the next response queued for it; records requests."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[discovery_pb2.DiscoveryRequest] = queue.Queue()
+        self.responses: dict[str, queue.Queue[discovery_pb2.DiscoveryResponse]] = {}
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.method_handlers_generic_handler(
+            "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._stream,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+                )
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self._nonce = 0
+
+    def queue(self, type_url: str, version: str, resources: list[Any]) -> None:
+        self._nonce += 1
+        response = discovery_pb2.DiscoveryResponse(
+            type_url=type_url, version_info=version, nonce=str(self._nonce)
+        )
+        for resource in resources:
+            response.resources.add().Pack(resource)
+        self.responses.setdefault(type_url, queue.Queue()).put(response)
+
+    def _stream(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        for request in requests:
+            self.requests.put(request)
+            waiting = self.responses.get(request.type_url)
+            if waiting is not None and not waiting.empty():
+                yield waiting.get()
+
+    def request_for(self, type_url: str, nonce: str, timeout: float = 10) -> Any:
+        """The client's answer (ACK or NACK) to the response with ``nonce``."""
+        while True:
+            request = self.requests.get(timeout=timeout)
+            if request.type_url == type_url and request.response_nonce == nonce:
+                return request
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+@pytest.fixture
+def control_plane() -> Iterator[ScriptedControlPlane]:
+    plane = ScriptedControlPlane()
+    yield plane
+    plane.stop()
+
+
+def resources() -> dict[str, dict[str, Any]]:
+    result = load_text(textwrap.dedent(MESH))
+    snapshot = translate(result.config, Registry.build(result.config), Node(namespace="shop"))
+    return {t: dict(snapshot.of_type(t)) for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
+
+
+def serve_all(plane: ScriptedControlPlane, xds: dict[str, dict[str, Any]], version: str) -> None:
+    for type_url in (LISTENER, CLUSTER, ROUTE, ENDPOINT):
+        plane.queue(type_url, version, list(xds[type_url].values()))
+
+
+def test_a_bad_route_is_nacked_with_its_reason_and_the_good_one_is_applied(
+    control_plane: ScriptedControlPlane, tmp_path: Path
+) -> None:
+    xds = resources()
+    serve_all(control_plane, xds, "v1")
+    mesh = libmesh.Mesh.connect(
+        f"127.0.0.1:{control_plane.port}", namespace="shop", state_file=None, wait=10
+    )
+    try:
+        assert mesh.engine.route_table("reviews.shop.svc.cluster.local", 8080) is not None
+        bad: route_pb2.RouteConfiguration = route_pb2.RouteConfiguration()
+        bad.CopyFrom(xds[ROUTE][REVIEWS])
+        bad.virtual_hosts[0].routes[0].match.ClearField("prefix")
+        bad.virtual_hosts[0].routes[0].match.safe_regex.regex = "/(unclosed"
+        good: route_pb2.RouteConfiguration = route_pb2.RouteConfiguration()
+        good.CopyFrom(xds[ROUTE][RATINGS])
+        good.virtual_hosts[0].routes[0].match.prefix = "/v2"
+        control_plane.queue(ROUTE, "v2", [bad, good])
+        control_plane.queue(LISTENER, "v1", list(xds[LISTENER].values()))  # wakes the stream
+
+        nack = control_plane.request_for(ROUTE, str(control_plane._nonce - 1))
+
+        assert nack.HasField("error_detail")
+        assert REVIEWS in nack.error_detail.message
+        assert "unclosed" in nack.error_detail.message or "missing )" in nack.error_detail.message
+        assert nack.version_info == "v1"  # the last version it accepted
+        status = mesh.xds_status
+        assert status is not None
+        assert REVIEWS in status.rejected
+        ratings = mesh.engine.route_table("ratings.shop.svc.cluster.local", 8080)
+        assert ratings is not None
+        reviews = mesh.engine.route_table("reviews.shop.svc.cluster.local", 8080)
+        assert reviews is not None  # still the v1 route: the bad one did not replace it
+    finally:
+        mesh.close()
+
+
+def test_a_listener_libmesh_cannot_use_is_nacked_and_the_others_are_kept(
+    control_plane: ScriptedControlPlane,
+) -> None:
+    xds = resources()
+    tcp = listener_pb2.Listener(name="tcp-only")
+    tcp.address.socket_address.address = "127.0.0.1"
+    tcp.address.socket_address.port_value = 15006
+    xds[LISTENER]["tcp-only"] = tcp
+    serve_all(control_plane, xds, "v1")
+
+    mesh = libmesh.Mesh.connect(
+        f"127.0.0.1:{control_plane.port}", namespace="shop", state_file=None, wait=10
+    )
+    try:
+        nack = control_plane.request_for(LISTENER, "1")
+        assert "tcp-only: libmesh reads listeners with an api_listener" in nack.error_detail.message
+        assert mesh.engine.route_table("reviews.shop.svc.cluster.local", 8080) is not None
+    finally:
+        mesh.close()
+
+
+def test_a_corrupt_saved_configuration_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "xds.state"
+    state.write_bytes(b"LIBMESH-XDS-STATE 1\n\x00\x00\x00\x09garbage!!")
+
+    with pytest.raises(libmesh.ConfigTimeout):
+        libmesh.Mesh.connect("127.0.0.1:9", state_file=state, wait=0.5)
+
+    assert any(
+        "ignoring the saved configuration in" in r.getMessage() and str(state) in r.getMessage()
+        for r in caplog.records
+    )
