@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import textwrap
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -47,11 +48,13 @@ RATINGS = "ratings.shop.svc.cluster.local:8080"
 
 
 class ScriptedControlPlane:
-    """Answers each request type with the next response queued for it; records requests."""
+    """Answers the first request of each type with the response queued for it, pushes whatever
+    the test pushes afterwards, and records every request."""
 
     def __init__(self) -> None:
         self.requests: queue.Queue[discovery_pb2.DiscoveryRequest] = queue.Queue()
-        self.responses: dict[str, queue.Queue[discovery_pb2.DiscoveryResponse]] = {}
+        self.initial: dict[str, discovery_pb2.DiscoveryResponse] = {}
+        self.outbox: queue.Queue[discovery_pb2.DiscoveryResponse | None] = queue.Queue()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         handler = grpc.method_handlers_generic_handler(
             "envoy.service.discovery.v3.AggregatedDiscoveryService",
@@ -66,23 +69,41 @@ class ScriptedControlPlane:
         self.server.add_generic_rpc_handlers((handler,))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-        self._nonce = 0
+        self.nonce = 0
 
-    def queue(self, type_url: str, version: str, resources: list[Any]) -> None:
-        self._nonce += 1
+    def response(self, type_url: str, version: str, resources: list[Any]) -> Any:
+        self.nonce += 1
         response = discovery_pb2.DiscoveryResponse(
-            type_url=type_url, version_info=version, nonce=str(self._nonce)
+            type_url=type_url, version_info=version, nonce=str(self.nonce)
         )
         for resource in resources:
             response.resources.add().Pack(resource)
-        self.responses.setdefault(type_url, queue.Queue()).put(response)
+        return response
+
+    def serve_first(self, type_url: str, version: str, resources: list[Any]) -> None:
+        self.initial[type_url] = self.response(type_url, version, resources)
+
+    def push(self, type_url: str, version: str, resources: list[Any]) -> str:
+        """Send a response now; returns its nonce."""
+        response = self.response(type_url, version, resources)
+        self.outbox.put(response)
+        return str(response.nonce)
 
     def _stream(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
-        for request in requests:
-            self.requests.put(request)
-            waiting = self.responses.get(request.type_url)
-            if waiting is not None and not waiting.empty():
-                yield waiting.get()
+        def read() -> None:
+            try:
+                for request in requests:
+                    self.requests.put(request)
+                    first = self.initial.pop(request.type_url, None)
+                    if first is not None:
+                        self.outbox.put(first)
+            except grpc.RpcError:
+                pass  # the client closed the stream
+            self.outbox.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while (response := self.outbox.get()) is not None:
+            yield response
 
     def request_for(self, type_url: str, nonce: str, timeout: float = 10) -> Any:
         """The client's answer (ACK or NACK) to the response with ``nonce``."""
@@ -92,6 +113,7 @@ class ScriptedControlPlane:
                 return request
 
     def stop(self) -> None:
+        self.outbox.put(None)
         self.server.stop(None)
 
 
@@ -110,7 +132,7 @@ def resources() -> dict[str, dict[str, Any]]:
 
 def serve_all(plane: ScriptedControlPlane, xds: dict[str, dict[str, Any]], version: str) -> None:
     for type_url in (LISTENER, CLUSTER, ROUTE, ENDPOINT):
-        plane.queue(type_url, version, list(xds[type_url].values()))
+        plane.serve_first(type_url, version, list(xds[type_url].values()))
 
 
 def test_a_bad_route_is_nacked_with_its_reason_and_the_good_one_is_applied(
@@ -130,10 +152,9 @@ def test_a_bad_route_is_nacked_with_its_reason_and_the_good_one_is_applied(
         good: route_pb2.RouteConfiguration = route_pb2.RouteConfiguration()
         good.CopyFrom(xds[ROUTE][RATINGS])
         good.virtual_hosts[0].routes[0].match.prefix = "/v2"
-        control_plane.queue(ROUTE, "v2", [bad, good])
-        control_plane.queue(LISTENER, "v1", list(xds[LISTENER].values()))  # wakes the stream
+        nonce = control_plane.push(ROUTE, "v2", [bad, good])
 
-        nack = control_plane.request_for(ROUTE, str(control_plane._nonce - 1))
+        nack = control_plane.request_for(ROUTE, nonce)
 
         assert nack.HasField("error_detail")
         assert REVIEWS in nack.error_detail.message

@@ -6,7 +6,7 @@ from ._engine import DELIVER, Attempt, Backoff, Call, Deliver, Engine, Fail, Loc
 from ._outlier import EjectionReason, HostMonitor, OutlierConfig, OutlierDetector
 from ._request import RequestInfo, RequestView
 from ._retry import Failure, RetryPolicy
-from ._routing import RouteTable, WeightedPicker
+from ._routing import DirectResponse, Forward, Redirect, RouteTable, WeightedPicker
 
 __all__ = [
     "DELIVER",
@@ -20,16 +20,19 @@ __all__ = [
     "ClusterState",
     "ClusterStats",
     "Deliver",
+    "DirectResponse",
     "EjectionReason",
     "Engine",
     "Fail",
     "Failure",
+    "Forward",
     "Host",
     "HostMonitor",
     "Limits",
     "LocalReply",
     "OutlierConfig",
     "OutlierDetector",
+    "Redirect",
     "RequestInfo",
     "RequestView",
     "RetryPolicy",

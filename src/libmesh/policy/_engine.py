@@ -554,7 +554,10 @@ class Engine:
             else:
                 return f"libmesh does not read {type_url}"
         except Exception as exc:  # whatever a resource makes the compiler raise is a rejection
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            detail = exc.args[0] if exc.args else ""
+            if isinstance(detail, bytes):  # re2 reports its errors as bytes
+                detail = detail.decode(errors="replace")
+            return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         return None
 
     def update(self, snapshot: Snapshot) -> None:
