@@ -23,6 +23,8 @@ from libmesh.xds import (
     LISTENER,
     TYPE_URLS,
     Node,
+    Snapshot,
+    TranslationCache,
     labels_read,
     translate,
     translation_key,
@@ -83,17 +85,27 @@ class NodeSnapshot:
         self._lock = threading.Lock()
 
     @classmethod
-    def of(
-        cls, snapshot_resources: Mapping[str, Mapping[str, object]], version: str
-    ) -> NodeSnapshot:
+    def of(cls, snapshot: Snapshot, previous: NodeSnapshot | None = None) -> NodeSnapshot:
+        """``snapshot`` in served form; a resource unchanged since ``previous`` is shared with
+        it rather than encoded again."""
+        serialized = snapshot.serialized or {}
         served: dict[str, dict[str, Served]] = {}
         for type_url in TYPE_URLS:
-            by_name = served[type_url] = {}
-            for name, message in snapshot_resources.get(type_url, {}).items():
-                value = message.SerializeToString(deterministic=True)  # type: ignore[attr-defined]
-                version_of = hashlib.sha256(value).hexdigest()[:16]
-                by_name[name] = Served(version_of, any_pb2.Any(type_url=type_url, value=value))
-        return cls(served, version)
+            by_name: dict[str, Served] = {}
+            served[type_url] = by_name
+            before = previous.resources.get(type_url, {}) if previous is not None else {}
+            wire = serialized.get(type_url, {})
+            for name, message in snapshot.of_type(type_url).items():
+                value = wire.get(name)
+                if value is None:
+                    value = message.SerializeToString(deterministic=True)
+                old = before.get(name)
+                if old is not None and old.resource.value == value:
+                    by_name[name] = old
+                    continue
+                version = hashlib.sha256(value).hexdigest()[:16]
+                by_name[name] = Served(version, any_pb2.Any(type_url=type_url, value=value))
+        return cls(served, snapshot.version)
 
     def select(self, type_url: str, names: Subscription) -> Mapping[str, Served]:
         everything = self.resources.get(type_url, {})
@@ -203,6 +215,9 @@ class SnapshotCache:
         self._snapshots: dict[Node, NodeSnapshot] = {}
         self._lock = threading.Lock()
         self._building: dict[Node, threading.Lock] = {}
+        # kept across generations, for incremental translation and shared encodings
+        self._translations: dict[Node, TranslationCache] = {}
+        self._previous: dict[Node, NodeSnapshot] = {}
         self.generation = 0
 
     @property
@@ -219,6 +234,12 @@ class SnapshotCache:
             self._config = config
             self._registry = registry
             self._labels = labels_read(config)
+            # What the last generation built seeds the next; kinds of client that no longer
+            # connect are forgotten.
+            self._previous = dict(self._snapshots)
+            self._translations = {
+                key: cache for key, cache in self._translations.items() if key in self._previous
+            }
             self._snapshots = {}
             self._building = {}
             self.generation += 1
@@ -246,8 +267,13 @@ class SnapshotCache:
                 snapshot = self._snapshots.get(key)
             if snapshot is not None:
                 return snapshot
-            translated = translate(config, registry, key, root_namespace=self.root_namespace)
-            snapshot = NodeSnapshot.of(translated.resources, translated.version)
+            with self._lock:
+                translation = self._translations.setdefault(key, TranslationCache())
+                previous = self._previous.get(key)
+            translated = translate(
+                config, registry, key, root_namespace=self.root_namespace, cache=translation
+            )
+            snapshot = NodeSnapshot.of(translated, previous)
             with self._lock:
                 if self.generation == generation:
                     self._snapshots[key] = snapshot

@@ -111,6 +111,7 @@ class Meshd:
         self._wake_pusher = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: grpc.aio.Server | None = None
+        self._analysis: asyncio.Future[None] | None = None
 
     # life cycle -------------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ class Meshd:
         ]
 
     async def stop(self) -> None:
+        if self._analysis is not None:
+            self._analysis.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -186,9 +189,20 @@ class Meshd:
         self.metrics.services.set(len(self.config_registry.services))
         self.metrics.virtual_services.set(len(result.config.of_kind("VirtualService")))
         self.metrics.destination_rules.set(len(result.config.of_kind("DestinationRule")))
+        # Analysis across resources only warns: it runs off the event loop, after the push.
+        self._analysis = asyncio.ensure_future(self._analyze(result))
+
+    async def _analyze(self, result: LoadResult) -> None:
+        try:
+            findings = await asyncio.to_thread(analyze, result)
+        except Exception:
+            logger.exception("meshd: analyzing the configuration failed")
+            return
+        if result is not self.config:
+            return  # a newer configuration is being analyzed
         previous = {f.format() for f in self.analysis}
-        self.analysis = analyze(result)
-        for finding in self.analysis:
+        self.analysis = findings
+        for finding in findings:
             if finding.format() not in previous:
                 logger.warning("meshd: %s", finding.format(with_code=True))
 
@@ -213,10 +227,10 @@ class Meshd:
         while True:
             await asyncio.sleep(settings.poll_interval)
             try:
-                seen = await asyncio.to_thread(self.loader.fingerprint)
-                if seen == self.loader.loaded:
+                if not await asyncio.to_thread(self.loader.changed):
                     continue
                 changed_at = self.clock()
+                seen = await asyncio.to_thread(self.loader.fingerprint)
                 while True:  # let a burst of writes settle before reading
                     await asyncio.sleep(settings.settle)
                     now = await asyncio.to_thread(self.loader.fingerprint)

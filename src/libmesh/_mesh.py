@@ -34,7 +34,7 @@ from ._frozen import FrozenMap
 from .config import Loader, LoadResult, Registry
 from .policy import ClusterStats, Engine
 from .transport import AsyncMeshTransport, MeshTransport
-from .xds import Locality, Node, Registration, Snapshot, translate
+from .xds import Locality, Node, Registration, Snapshot, TranslationCache, translate
 from .xds._client import XdsClient, XdsStatus
 
 __all__ = ["DEFAULT", "Mesh", "node_from_environment"]
@@ -91,6 +91,7 @@ class Mesh:
         self.node = node
         self._loader: Loader | None = None
         self._xds: XdsClient | None = None
+        self._translation = TranslationCache()  # a reload translates what changed
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.last_result: LoadResult | None = None
@@ -253,7 +254,7 @@ class Mesh:
 
     def apply(self, result: LoadResult) -> None:
         registry = Registry.build(result.config, result.services)
-        snapshot = translate(result.config, registry, self.node)
+        snapshot = translate(result.config, registry, self.node, cache=self._translation)
         if snapshot.version != self._engine.version:
             self._engine.update(snapshot)
             logger.info("libmesh: configuration version %s applied", snapshot.version)

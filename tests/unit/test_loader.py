@@ -91,3 +91,18 @@ def test_a_file_named_but_missing_is_reported_until_it_appears(tmp_path: Path) -
     _write(missing, ENTRY.format(name="a", address="10.0.0.1"))
     assert loader.changed()
     assert loader.load().ok
+
+
+def test_a_same_size_rewrite_within_one_clock_tick_is_still_seen(tmp_path: Path) -> None:
+    # File systems stamp times from a coarse clock: the rewrite may carry the same mtime.
+    path = tmp_path / "a.yaml"
+    path.write_text(ENTRY.format(name="a", address="10.0.0.1"))
+    loader = Loader(tmp_path)
+    loader.load()
+    stamp = path.stat()
+
+    path.write_text(ENTRY.format(name="a", address="10.0.0.2"))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    assert loader.changed()
+    assert _address(loader.load(), "a") == "10.0.0.2"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +97,20 @@ def load_text(text: str, file: str = "<string>") -> LoadResult:
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
+# File systems stamp modification times from a coarse clock (a few milliseconds): two writes of
+# the same size within one tick look alike. A file modified this recently when it was read is
+# "racy" (git's word for it), and is compared by content until it is older.
+_RACY_NS = 200_000_000
+
+
+@dataclass(frozen=True)
+class _Cached:
+    stamp: tuple[int, int, int]  # mtime_ns, size, inode
+    digest: bytes  # of the content
+    racy: bool
+    result: _FileResult
+
+
 class Loader:
     """Loads the same files and directories again and again, re-reading only the files that
     changed since the last load: a one-line edit in a large mesh costs one file's parse."""
@@ -103,12 +119,17 @@ class Loader:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = tuple(os.fspath(p) for p in paths)
-        self._files: dict[str, tuple[tuple[int, int, int], _FileResult]] = {}
+        self._files: dict[str, _Cached] = {}
         self.loaded: Fingerprint = ()  # what the files were at the last load
 
     def changed(self) -> bool:
         """Whether the files differ from what the last load read."""
-        return self.fingerprint() != self.loaded
+        if self.fingerprint() != self.loaded:
+            return True
+        for name, cached in self._files.items():
+            if cached.racy and _digest(_read_bytes(name)) != cached.digest:
+                return True
+        return False
 
     def fingerprint(self) -> Fingerprint:
         """What the files are now (names, sizes and modification times): compare two to learn
@@ -124,17 +145,36 @@ class Loader:
         return tuple(entries)
 
     def load(self) -> LoadResult:
-        files: dict[str, tuple[tuple[int, int, int], _FileResult]] = {}
+        files: dict[str, _Cached] = {}
         self.loaded = self.fingerprint()
         for name, mtime, size, inode in self.loaded:
             stamp = (mtime, size, inode)
             cached = self._files.get(name)
-            if cached is not None and cached[0] == stamp and mtime >= 0:
+            if cached is not None and cached.stamp == stamp and mtime >= 0 and not cached.racy:
                 files[name] = cached
+                continue
+            data = _read_bytes(name)
+            digest = _digest(data)
+            racy = time.time_ns() - mtime < _RACY_NS
+            if cached is not None and cached.digest == digest and not isinstance(data, OSError):
+                files[name] = _Cached(stamp, digest, racy, cached.result)
             else:
-                files[name] = (stamp, _read_file(name))
+                files[name] = _Cached(stamp, digest, racy, _decode_file(name, data))
         self._files = files
-        return _merge([result for _, result in files.values()])
+        return _merge([cached.result for cached in files.values()])
+
+
+def _read_bytes(name: str) -> bytes | OSError:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        return exc
+
+
+def _digest(data: bytes | OSError) -> bytes:
+    if isinstance(data, OSError):
+        return b""
+    return hashlib.sha256(data).digest()
 
 
 @dataclass(frozen=True)
@@ -148,9 +188,11 @@ class _FileResult:
     services: tuple[KubernetesService, ...] = ()
 
 
-def _read_file(name: str) -> _FileResult:
+def _decode_file(name: str, data: bytes | OSError) -> _FileResult:
     try:
-        text = Path(name).read_text(encoding="utf-8")
+        if isinstance(data, OSError):
+            raise data
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         finding = Finding(Codes.UNREADABLE_FILE, f"cannot read this file: {reason}", Location(name))

@@ -17,6 +17,7 @@ from ._snapshot import (
 from ._translate import (
     DEFAULT_RETRY_ON,
     HTTP_PROXY_LISTENER,
+    TranslationCache,
     cluster_name,
     labels_read,
     parse_cluster_name,
@@ -40,6 +41,7 @@ __all__ = [
     "NodeError",
     "Registration",
     "Snapshot",
+    "TranslationCache",
     "cluster_name",
     "labels_read",
     "node_from_proto",

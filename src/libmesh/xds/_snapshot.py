@@ -96,19 +96,34 @@ class Snapshot:
 
     resources: Mapping[str, Mapping[str, Message]]
     version: str = ""
+    # each resource serialized deterministically, when the maker of the snapshot kept them
+    serialized: Mapping[str, Mapping[str, bytes]] | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, resources: Mapping[str, Mapping[str, Message]]) -> Snapshot:
+    def of(
+        cls,
+        resources: Mapping[str, Mapping[str, Message]],
+        serialized: Mapping[str, Mapping[str, bytes]] | None = None,
+    ) -> Snapshot:
+        """A snapshot versioned by its content; ``serialized`` (every resource, serialized
+        deterministically) saves serializing them again."""
         frozen = FrozenMap(
             (type_url, FrozenMap(sorted(resources.get(type_url, {}).items())))
             for type_url in TYPE_URLS
         )
+        wire: dict[str, dict[str, bytes]] = {}
         digest = hashlib.sha256()
         for type_url in TYPE_URLS:
+            known = serialized.get(type_url, {}) if serialized is not None else {}
+            wire[type_url] = {}
             for name, message in frozen[type_url].items():
+                data = known.get(name)
+                if data is None:
+                    data = message.SerializeToString(deterministic=True)
+                wire[type_url][name] = data
                 digest.update(name.encode())
-                digest.update(message.SerializeToString(deterministic=True))
-        return cls(frozen, digest.hexdigest()[:16])
+                digest.update(data)
+        return cls(frozen, digest.hexdigest()[:16], wire)
 
     def of_type(self, type_url: str) -> Mapping[str, Message]:
         return self.resources.get(type_url, EMPTY)

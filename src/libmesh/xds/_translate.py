@@ -83,6 +83,7 @@ __all__ = [
     "FAULT_FILTER",
     "HTTP_PROXY_LISTENER",
     "ROUTER_FILTER",
+    "TranslationCache",
     "cluster_name",
     "labels_read",
     "parse_cluster_name",
@@ -166,17 +167,33 @@ def translation_key(node: Node, labels: frozenset[str]) -> Node:
     )
 
 
+class TranslationCache:
+    """What earlier translations for one node built, per service port, with everything each
+    piece read to build it. :func:`translate` reuses a piece when all it read is unchanged (the
+    same resource objects, equal registry entries), so that a change to one service translates
+    one service: pass the same cache to each translation for the same node (or translation
+    key). A cache used for another node starts over."""
+
+    def __init__(self) -> None:
+        self.node: Node | None = None
+        self.units: dict[tuple[str, int], _Unit] = {}
+        self.reused = 0  # of the last translation: pieces reused, and pieces built
+        self.built = 0
+
+
 def translate(
     config: ConfigSet,
     registry: Registry,
     node: Node | None = None,
     *,
     root_namespace: str = "istio-system",
+    cache: TranslationCache | None = None,
 ) -> Snapshot:
     """Build the xDS resources ``node`` needs, from valid configuration and the registry.
 
-    ``root_namespace`` is where mesh-wide configuration lives (Istio's ``istio-system``)."""
-    return _Translator(config, registry, node or Node(), root_namespace).run()
+    ``root_namespace`` is where mesh-wide configuration lives (Istio's ``istio-system``);
+    ``cache`` makes repeated translations for the same node incremental."""
+    return _Translator(config, registry, node or Node(), root_namespace, cache).run()
 
 
 # -- helpers that build protobuf values ----------------------------------------------------------
@@ -294,39 +311,132 @@ class _Index:
                         self.services_by_host.setdefault(vs_host, []).append(resource)
 
 
+@dataclass
+class _Unit:
+    """The resources of one service port, and what building them read."""
+
+    service: RegistryService
+    port: ServicePortInfo
+    reads: tuple[tuple[Any, ...], ...]
+    resources: dict[str, dict[str, Message]]
+    serialized: dict[str, dict[str, bytes]]
+    vhost: rc.VirtualHost | None
+
+
+def _empty() -> dict[str, dict[str, Any]]:
+    return {LISTENER: {}, ROUTE: {}, CLUSTER: {}, ENDPOINT: {}}
+
+
 class _Translator:
     def __init__(
-        self, config: ConfigSet, registry: Registry, node: Node, root_namespace: str
+        self,
+        config: ConfigSet,
+        registry: Registry,
+        node: Node,
+        root_namespace: str,
+        cache: TranslationCache | None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.node = node
         self.root_namespace = root_namespace
-        self.resources: dict[str, dict[str, Message]] = {
-            LISTENER: {},
-            ROUTE: {},
-            CLUSTER: {},
-            ENDPOINT: {},
-        }
+        self.cache = cache
+        self.resources: dict[str, dict[str, Message]] = _empty()
         self.index = _Index(config, registry)
         self._rules: dict[tuple[str, str | None], _Rules] = {}
+        self._out = self.resources  # where the resources being built go
+        self._reads: list[tuple[Any, ...]] | None = None  # what the piece being built reads
 
     def run(self) -> Snapshot:
-        virtual_hosts: list[rc.VirtualHost] = []
+        cache = self.cache
+        if cache is not None and cache.node != self.node:
+            cache.node, cache.units = self.node, {}
+        units: dict[tuple[str, int], _Unit] = {}
+        reused = 0
         for service in self._visible_services():
-            rules = self._rules_for(service.host, service.namespace)
             for port in service.ports:
-                self._build_clusters(service, port, rules)
-                if cluster_name(port.number, "", service.host) not in self.resources[CLUSTER]:
-                    continue  # a service this client cannot reach (grpcio: original-destination)
-                if port.protocol in HTTP_PROTOCOLS or port.protocol is None:
-                    virtual_hosts.append(self._virtual_host(service, port))
+                key = (service.host, port.number)
+                unit = cache.units.get(key) if cache is not None else None
+                if unit is not None and self._unchanged(unit, service, port):
+                    reused += 1
+                else:
+                    unit = self._build_unit(service, port)
+                units[key] = unit
+        if cache is not None:
+            cache.units, cache.reused, cache.built = units, reused, len(units) - reused
+        serialized: dict[str, dict[str, bytes]] = _empty()
+        for unit in units.values():
+            for type_url, named in unit.resources.items():
+                self.resources[type_url].update(named)
+                serialized[type_url].update(unit.serialized[type_url])
         if self.node.flavor == "envoy":
-            self._build_proxy_listener(virtual_hosts)
-        else:
-            for vhost in virtual_hosts:
-                self._build_api_listener(vhost)
-        return Snapshot.of(self.resources)
+            vhosts = [u.vhost for u in units.values() if u.vhost is not None]
+            self._build_proxy_listener(vhosts)
+            for type_url in (LISTENER, ROUTE):
+                serialized[type_url][HTTP_PROXY_LISTENER] = self.resources[type_url][
+                    HTTP_PROXY_LISTENER
+                ].SerializeToString(deterministic=True)
+        return Snapshot.of(self.resources, serialized)
+
+    # incremental translation ----------------------------------------------------------------
+
+    def _build_unit(self, service: RegistryService, port: ServicePortInfo) -> _Unit:
+        out = self._out = _empty()
+        reads = self._reads = []
+        try:
+            rules = self._rules_for(service.host, service.namespace)
+            self._build_clusters(service, port, rules)
+            vhost = None
+            reachable = cluster_name(port.number, "", service.host) in out[CLUSTER]
+            # unreachable: grpcio has no original-destination clusters
+            if reachable and (port.protocol in HTTP_PROTOCOLS or port.protocol is None):
+                vhost = self._virtual_host(service, port)
+                if self.node.flavor != "envoy":
+                    self._build_api_listener(vhost)
+        finally:
+            self._out, self._reads = self.resources, None
+        serialized = {
+            type_url: {n: m.SerializeToString(deterministic=True) for n, m in named.items()}
+            for type_url, named in out.items()
+        }
+        return _Unit(service, port, tuple(reads), out, serialized, vhost)
+
+    def _read(self, *read: Any) -> None:
+        if self._reads is not None:
+            self._reads.append(read)
+
+    def _unchanged(self, unit: _Unit, service: RegistryService, port: ServicePortInfo) -> bool:
+        """Whether everything ``unit`` read is as it was: then its resources stand."""
+        if unit.service != service or unit.port != port:
+            return False
+        for read in unit.reads:
+            kind = read[0]
+            if kind == "rules":
+                now = [r for _, _, r in self._rule_candidates(read[1])]
+                if len(now) != len(read[2]):
+                    return False
+                if any(a is not b for a, b in zip(now, read[2], strict=True)):
+                    return False
+            elif kind == "virtual service":
+                if self._find_virtual_service(read[1]) is not read[2]:
+                    return False
+            elif kind == "delegate":
+                if self.index.virtual_services.get(read[1]) is not read[2]:
+                    return False
+            elif kind == "lookup":
+                if self.registry.lookup(read[1], read[2]) != read[3]:
+                    return False
+            elif kind == "workloads":
+                if self.registry.workloads_of(read[1]) != read[2]:
+                    return False
+            else:  # pragma: no cover - a read this method does not know cannot be trusted
+                return False
+        return True
+
+    def _lookup(self, host: str, namespace: str) -> RegistryService | None:
+        target = self.registry.lookup(host, namespace)
+        self._read("lookup", host, namespace, target)
+        return target
 
     # visibility ---------------------------------------------------------------------------
 
@@ -346,23 +456,31 @@ class _Translator:
 
     # DestinationRules ----------------------------------------------------------------------
 
-    def _rules_for(self, host: str, namespace: str | None) -> _Rules:
-        """The merged DestinationRules for ``host``, a service in ``namespace``."""
-        key = (host, namespace)
-        rules = self._rules.get(key)
-        if rules is None:
-            rules = self._rules[key] = self._merge_rules(host, namespace)
-        return rules
-
-    def _merge_rules(self, host: str, namespace: str | None) -> _Rules:
-        candidates: list[tuple[int, int, int, Resource[Any]]] = []
-        exact = ((0, order, r) for order, r in self.index.rules_by_host.get(host, ()))
-        wildcard = (
+    def _rule_candidates(self, host: str) -> tuple[tuple[int, int, Resource[Any]], ...]:
+        """(specificity, order, rule) of every DestinationRule whose host covers ``host``."""
+        exact = tuple((0, order, r) for order, r in self.index.rules_by_host.get(host, ()))
+        wildcard = tuple(
             (1, order, r)
             for order, rule_host, r in self.index.wildcard_rules
             if host_matches(rule_host, host)
         )
-        for specificity, order, resource in (*exact, *wildcard):
+        return exact + wildcard
+
+    def _rules_for(self, host: str, namespace: str | None) -> _Rules:
+        """The merged DestinationRules for ``host``, a service in ``namespace``."""
+        candidates = self._rule_candidates(host)
+        self._read("rules", host, tuple(r for _, _, r in candidates))
+        key = (host, namespace)
+        rules = self._rules.get(key)
+        if rules is None:
+            rules = self._rules[key] = self._merge_rules(candidates, namespace)
+        return rules
+
+    def _merge_rules(
+        self, found: Sequence[tuple[int, int, Resource[Any]]], namespace: str | None
+    ) -> _Rules:
+        candidates: list[tuple[int, int, int, Resource[Any]]] = []
+        for specificity, order, resource in found:
             rule: DestinationRule = resource.spec
             if not self._visible(rule.export_to, resource.namespace):
                 continue
@@ -394,6 +512,7 @@ class _Translator:
         self, service: RegistryService, port: ServicePortInfo, rules: _Rules
     ) -> None:
         workloads = self.registry.workloads_of(service)
+        self._read("workloads", service, workloads)
         base_policy = _port_policy(rules.policy, port.number)
         self._add_cluster(service, port, "", base_policy, rules, workloads)
         for name, subset in rules.subsets.items():
@@ -443,7 +562,7 @@ class _Translator:
             cluster.eds_cluster_config.service_name = name
             cluster.eds_cluster_config.eds_config.ads.SetInParent()
             cluster.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
-            self.resources[ENDPOINT][name] = assignment
+            self._out[ENDPOINT][name] = assignment
         if cluster.type != cluster_pb2.Cluster.ORIGINAL_DST:
             _apply_load_balancer(cluster, policy.load_balancer)
             if self.node.flavor == "grpc":
@@ -465,7 +584,7 @@ class _Translator:
         )
         if subset:
             cluster.metadata.filter_metadata["istio"].update({"subset": subset})
-        self.resources[CLUSTER][name] = cluster
+        self._out[CLUSTER][name] = cluster
 
     def _assignment(
         self,
@@ -535,10 +654,10 @@ class _Translator:
         manager = self._http_connection_manager(name)
         listener = listener_pb2.Listener(name=name)
         listener.api_listener.CopyFrom(api_listener_pb2.ApiListener(api_listener=_any(manager)))
-        self.resources[LISTENER][name] = listener
+        self._out[LISTENER][name] = listener
         config = route_pb2.RouteConfiguration(name=name, validate_clusters=wrappers_pb2.BoolValue())
         config.virtual_hosts.append(vhost)
-        self.resources[ROUTE][name] = config
+        self._out[ROUTE][name] = config
 
     def _build_proxy_listener(self, virtual_hosts: Sequence[rc.VirtualHost]) -> None:
         """For a real Envoy: one HTTP listener on the node's proxy address that routes every
@@ -598,6 +717,11 @@ class _Translator:
         return vhost
 
     def _virtual_service_for(self, host: str) -> Resource[Any] | None:
+        found = self._find_virtual_service(host)
+        self._read("virtual service", host, found)
+        return found
+
+    def _find_virtual_service(self, host: str) -> Resource[Any] | None:
         for resource in self.index.services_by_host.get(host, ()):
             if self._visible(resource.spec.export_to, resource.namespace):
                 return resource
@@ -647,7 +771,9 @@ class _Translator:
                 yield http
                 continue
             namespace = http.delegate.namespace or owner.namespace
-            delegate = self.index.virtual_services.get((namespace, http.delegate.name or ""))
+            key = (namespace, http.delegate.name or "")
+            delegate = self.index.virtual_services.get(key)
+            self._read("delegate", key, delegate)
             if delegate is None:
                 continue
             for child in delegate.spec.http:
@@ -672,7 +798,7 @@ class _Translator:
         elif host == service.host:
             number = port.number
         else:
-            target = self.registry.lookup(destination.host, owner.namespace)
+            target = self._lookup(destination.host, owner.namespace)
             number = target.ports[0].number if target is not None and target.ports else port.number
         return cluster_name(number, destination.subset or "", host)
 
@@ -770,7 +896,7 @@ class _Translator:
             if parsed is None:
                 continue
             number, subset, host = parsed
-            target = self.registry.lookup(host, self.node.namespace)
+            target = self._lookup(host, self.node.namespace)
             rules = self._rules_for(host, target.namespace if target is not None else None)
             policy = _merge_policy(
                 _port_policy(rules.policy, number),
