@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +129,17 @@ class XdsServer:
         self._on_disconnect = on_disconnect
         self._on_health = on_health
         self._ids = itertools.count(1)
+        # Clients of one kind subscribe to the same names: one shared set for all of them
+        # saves memory, and lets shared responses be found by identity.
+        self._subscriptions: weakref.WeakValueDictionary[frozenset[str], frozenset[str]] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _intern(self, names: frozenset[str]) -> frozenset[str]:
+        shared = self._subscriptions.get(names)
+        if shared is None:
+            self._subscriptions[names] = shared = names
+        return shared
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -282,8 +294,8 @@ class XdsServer:
         wildcard = "*" in names or (
             not names and type_url in STATE_OF_THE_WORLD and not state.explicit
         )
-        subscription: Subscription = None if wildcard else frozenset(names)
-        if not state.requested or subscription != state.names:
+        subscription: Subscription = None if wildcard else self._intern(frozenset(names))
+        if not state.requested or subscription is not state.names:
             state.requested = True
             state.names = subscription
             connection.wake.set()
@@ -314,7 +326,9 @@ class XdsServer:
             names = None if "*" not in unsubscribe else subscribe - unsubscribe
         for name in unsubscribe:
             state.known.pop(name, None)
-        subscription: Subscription = None if names is None else frozenset(names - {"*"})
+        subscription: Subscription = (
+            None if names is None else self._intern(frozenset(names - {"*"}))
+        )
         if first or subscription != state.names or subscribe:
             state.requested = True
             state.names = subscription
@@ -347,6 +361,7 @@ class XdsServer:
                 if body is None:
                     continue
                 await context.write(body)
+                del body  # an idle stream must not keep its last (possibly large) response
                 short = SHORT_TYPES[type_url]
                 self.metrics.pushes.inc(type=short)
                 self.metrics.push_time.observe(time.perf_counter() - started, type=short)
@@ -358,16 +373,20 @@ class XdsServer:
             body, state.known = snapshot.delta_response(
                 type_url, state.names, state.known, identifier=self.identifier
             )
+            if body is None:
+                return None
+            state.nonce = str(next(connection.nonces))
+            body = add_nonce(body, state.nonce, delta=True)
         else:
             if state.sent is snapshot and state.sent_names == state.names:
                 return None
-            body = snapshot.response(
+            prepared = snapshot.response(
                 type_url, state.names, state.sent, state.sent_names, identifier=self.identifier
             )
             state.sent, state.sent_names = snapshot, state.names
-        if body is None:
-            return None
-        state.nonce = str(next(connection.nonces))
+            if prepared is None:
+                return None
+            state.nonce, body = prepared.nonce, prepared.body
         state.version = snapshot.version
         state.sent_at = time.time()
-        return add_nonce(body, state.nonce, delta=connection.delta)
+        return body

@@ -9,6 +9,7 @@ Two thousand clients in one namespace cost one translation and, on a change, one
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from libmesh.xds import (
     translation_key,
 )
 
-__all__ = ["NodeSnapshot", "Served", "SnapshotCache", "Subscription", "add_nonce"]
+__all__ = ["NodeSnapshot", "Prepared", "Served", "SnapshotCache", "Subscription", "add_nonce"]
 
 # LDS and CDS responses carry the state of the world: a resource left out is deleted.
 # RDS and EDS responses may carry only what changed.
@@ -67,6 +68,17 @@ def add_nonce(response: bytes, nonce: str, *, delta: bool = False) -> bytes:
     return response + (_DELTA_NONCE_TAG if delta else _NONCE_TAG) + _varint(len(value)) + value
 
 
+_NONCES = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A response ready for the wire, and the nonce it carries."""
+
+    nonce: str
+    body: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Served:
     """One resource as it goes on the wire, with a version that changes with its content."""
@@ -81,7 +93,8 @@ class NodeSnapshot:
     def __init__(self, resources: Mapping[str, Mapping[str, Served]], version: str) -> None:
         self.version = version
         self.resources = resources
-        self._responses: dict[tuple[object, ...], bytes | None] = {}
+        self.translated = (0, 0)  # service ports translated anew, of all
+        self._responses: dict[tuple[object, ...], Prepared | None] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -121,19 +134,24 @@ class NodeSnapshot:
         before_names: Subscription,
         *,
         identifier: str,
-    ) -> bytes | None:
+    ) -> Prepared | None:
         """The state-of-the-world response that takes a client holding ``before`` (what it was
-        last sent, for ``before_names``) to this snapshot, without its nonce; ``None`` when it
-        already has everything. Built once per distinct transition and shared by every stream
-        that makes it."""
+        last sent, for ``before_names``) to this snapshot; ``None`` when it already has
+        everything. Built once per distinct transition and shared, nonce included, by every
+        stream that makes it: a nonce need only be unique within a stream, and each stream is
+        sent a given response at most once."""
         key = (type_url, names, before.version if before else None, before_names)
         with self._lock:
             if key in self._responses:
                 return self._responses[key]
-        response = self._build(type_url, names, before, before_names, identifier)
+        body = self._build(type_url, names, before, before_names, identifier)
+        prepared = None
+        if body is not None:
+            nonce = str(next(_NONCES))
+            prepared = Prepared(nonce, add_nonce(body, nonce))
         with self._lock:
-            self._responses[key] = response
-        return response
+            self._responses[key] = prepared
+        return prepared
 
     def _build(
         self,
@@ -274,6 +292,7 @@ class SnapshotCache:
                 config, registry, key, root_namespace=self.root_namespace, cache=translation
             )
             snapshot = NodeSnapshot.of(translated, previous)
+            snapshot.translated = (translation.built, translation.built + translation.reused)
             with self._lock:
                 if self.generation == generation:
                     self._snapshots[key] = snapshot

@@ -311,6 +311,7 @@ class Meshd:
             self._pending = _Pending()
             for reason in sorted(reasons):
                 self.metrics.push_triggers.inc(type=reason)
+            started = time.perf_counter()
             try:
                 self._rebuild()
                 keys = {self.cache.key(c.node) for c in self.xds.connections.values()}
@@ -319,6 +320,25 @@ class Meshd:
                 logger.exception("meshd: building the new snapshots failed; clients keep theirs")
                 continue
             self.xds.push(changed_at=first)
+            built = total = 0
+            for key in keys:
+                snapshot = self.cache.cached(key)
+                if snapshot is not None:
+                    built += snapshot.translated[0]
+                    total += snapshot.translated[1]
+            logger.info(
+                "meshd: pushing to %d client%s (%s; %d kind%s of client; translated %d of %d "
+                "service ports in %.0f ms, %.0f ms after the change)",
+                len(self.xds.connections),
+                "" if len(self.xds.connections) == 1 else "s",
+                " and ".join(sorted(reasons)) + " change",
+                len(keys),
+                "" if len(keys) == 1 else "s",
+                built,
+                total,
+                (time.perf_counter() - started) * 1000,
+                (self.clock() - first) * 1000,
+            )
 
     async def _translate(self, keys: set[Any]) -> None:
         """Translate for every kind of connected client, off the event loop."""
