@@ -189,19 +189,17 @@ def _proxy_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _status_table(clients: Sequence[dict[str, Any]], out: TextIO) -> None:
-    header = ["NAME", *(t.upper() for t in _TYPES), "NAMESPACE", "CLIENT", "VERSION"]
+    header = ["NAME", *(t.upper() for t in _TYPES), "NAMESPACE", "CLIENT"]
     rows = []
     errors = []
     for client in clients:
         types = client["types"]
-        versions = {types[t].get("acked_version") for t in _TYPES} - {None, ""}
         rows.append(
             [
                 client["node"] or client["id"],
                 *(types[t]["status"].replace(" ", "_") for t in _TYPES),
                 client["namespace"],
                 client["flavor"] + (" (delta)" if client["protocol"] == "delta" else ""),
-                ",".join(sorted(versions)) or "-",
             ]
         )
         for t in _TYPES:

@@ -219,7 +219,7 @@ class Meshd:
             "s" if len(errors) != 1 else "",
             time.strftime("%H:%M:%S", time.localtime(self.loaded_at)),
         )
-        for finding in errors:
+        for finding in sorted(errors, key=lambda f: (f.location.file, f.location.line)):
             logger.error("meshd:   %s", finding.format())
 
     async def _watch(self) -> None:

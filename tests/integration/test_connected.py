@@ -125,6 +125,44 @@ def test_an_invalid_edit_leaves_clients_on_the_last_good_configuration(
     assert {instance(r) for r in caller.gets(20, URL + "/r")} == {"instance-1"}
 
 
+def test_a_process_that_registers_itself_takes_traffic_while_healthy_and_connected(
+    backends: Backends, tmp_path: Path, start_meshd: StartMeshd, connect: Connect
+) -> None:
+    # Only instance-0 is declared; instance-1 joins as the process that serves it would.
+    registry = service("reviews", "shop", backends.ports[:1], labels=[{"version": "v1"}])
+    (tmp_path / "mesh.yaml").write_text(registry + "\n---\n" + textwrap.dedent(canary(100, 0)))
+    meshd = start_meshd(tmp_path, "--registration-grace", "300ms")
+    caller = connect(connect_mesh(meshd, tmp_path))
+
+    def answering() -> set[str]:
+        return {instance(r) for r in caller.gets(20, URL + "/r")}
+
+    assert answering() == {"instance-0"}
+
+    workload = connect_mesh(
+        meshd,
+        tmp_path,
+        node_id="reviews-v1-b.shop",
+        labels={"app": "reviews", "version": "v1"},
+        ports={"http": backends.ports[1]},
+        workload_address="127.0.0.1",
+        state_file=None,
+    )
+    try:
+        meshd.wait_until(lambda: answering() == {"instance-0", "instance-1"}, what="joining")
+
+        workload.report_health(False, "database unreachable")
+        meshd.wait_for_log("reports unhealthy: database unreachable")
+        meshd.wait_until(lambda: answering() == {"instance-0"}, what="the unhealthy endpoint")
+
+        workload.report_health(True)
+        meshd.wait_until(lambda: answering() == {"instance-0", "instance-1"}, what="recovery")
+    finally:
+        workload.close()
+    meshd.wait_for_log("reviews-v1-b deregistered")
+    meshd.wait_until(lambda: answering() == {"instance-0"}, what="leaving")
+
+
 def test_meshd_killed_and_restarted_under_load_fails_no_request(
     backends: Backends, tmp_path: Path, start_meshd: StartMeshd
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 
 
-def test_the_demo_shows_the_canary_the_retries_the_ejection_and_the_faults() -> None:
+def test_the_demo_runs_meshd_and_shows_the_canary_its_shift_and_a_refused_edit() -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py")],
         capture_output=True,
@@ -27,4 +28,11 @@ def test_the_demo_shows_the_canary_the_retries_the_ejection_and_the_faults() -> 
     assert "(ejections: 1)" in out
     assert "Testers (x-canary: always) are routed to v2: status {200}" in out
     assert "aborted (503)" in out
-    assert "spec.http[1].retries.perTryTimout: error [IST0106] unknown field" in out
+    assert "this app connected and applied version" in out
+    # the canary shift, made by editing the file meshd serves
+    assert "1000 requests to reviews now: subset v1: 500, subset v2: 500" in out
+    assert re.search(r"frontend-demo\.shop\s+SYNCED\s+SYNCED\s+SYNCED\s+SYNCED\s+shop", out)
+    # a broken edit is refused with file and line, and the last good version keeps serving
+    assert "meshd: configuration change rejected (2 errors)" in out
+    assert "mesh/reviews.yaml:25: VirtualService shop/reviews: spec.http[1].retries.perTry" in out
+    assert "the last good one: 100 requests subset v1: 50, subset v2: 50" in out

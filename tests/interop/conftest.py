@@ -24,6 +24,7 @@ from tests.conftest import unused_port
 from tests.meshd_process import MeshdProcess
 
 HERE = Path(__file__).parent
+EXAMPLES = HERE.parents[1] / "examples" / "meshd"
 ENVOY = Path(sysconfig.get_paths()["purelib"]) / "envoy" / "_bin" / "envoy"
 
 
@@ -102,21 +103,21 @@ class GrpcXdsClient:
         return Counter(json.loads(line))
 
 
+def grpc_bootstrap(meshd: MeshdProcess, node_id: str, namespace: str) -> dict[str, Any]:
+    """The README's example bootstrap (examples/meshd/grpc-bootstrap.json), pointed at meshd."""
+    bootstrap = json.loads((EXAMPLES / "grpc-bootstrap.json").read_text())
+    bootstrap["xds_servers"][0]["server_uri"] = meshd.xds_address
+    bootstrap["node"]["id"] = node_id
+    bootstrap["node"]["metadata"]["NAMESPACE"] = namespace
+    return dict(bootstrap)
+
+
 @pytest.fixture
 def start_grpc_client(tmp_path: Path) -> Iterator[Callable[..., GrpcXdsClient]]:
     started: list[GrpcXdsClient] = []
 
     def start(meshd: MeshdProcess, target: str, node_id: str, namespace: str) -> GrpcXdsClient:
-        bootstrap = {
-            "xds_servers": [
-                {
-                    "server_uri": meshd.xds_address,
-                    "channel_creds": [{"type": "insecure"}],
-                    "server_features": ["xds_v3"],
-                }
-            ],
-            "node": {"id": node_id, "metadata": {"NAMESPACE": namespace}},
-        }
+        bootstrap = grpc_bootstrap(meshd, node_id, namespace)
         path = tmp_path / f"bootstrap-{node_id}.json"
         path.write_text(json.dumps(bootstrap))
         process = subprocess.Popen(
@@ -162,64 +163,18 @@ class EnvoyProcess:
 def envoy_bootstrap(
     meshd: MeshdProcess, node_id: str, proxy_port: int, admin_port: int, *, delta: bool
 ) -> dict[str, Any]:
-    """Envoy with ADS against meshd, as a sidecar would be bootstrapped."""
-    return {
-        "node": {
-            "id": node_id,
-            "cluster": "shop",
-            "metadata": {
-                "NAMESPACE": "shop",
-                "LIBMESH_HTTP_PROXY_ADDRESS": f"127.0.0.1:{proxy_port}",
-            },
-        },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "DELTA_GRPC" if delta else "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "meshd"}}],
-            },
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "meshd",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "meshd",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": meshd.xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
-    }
+    """The README's example bootstrap (examples/meshd/envoy.yaml): Envoy with ADS against
+    meshd, as a sidecar would be bootstrapped, on the given ports."""
+    bootstrap = yaml.safe_load((EXAMPLES / "envoy.yaml").read_text())
+    bootstrap["node"]["id"] = node_id
+    bootstrap["node"]["metadata"]["LIBMESH_HTTP_PROXY_ADDRESS"] = f"127.0.0.1:{proxy_port}"
+    bootstrap["dynamic_resources"]["ads_config"]["api_type"] = "DELTA_GRPC" if delta else "GRPC"
+    (meshd_cluster,) = bootstrap["static_resources"]["clusters"]
+    (locality,) = meshd_cluster["load_assignment"]["endpoints"]
+    (endpoint,) = locality["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"]["port_value"] = meshd.xds_port
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    return dict(bootstrap)
 
 
 @pytest.fixture
