@@ -30,6 +30,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "installing libmesh and its test tools into .venv ..." >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' >&2
+  # xds-protos ships stale copies of OpenTelemetry's protos (grpc/grpc#42926): whichever of it
+  # and opentelemetry-proto installed last wins, so make it opentelemetry-proto's.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall \
+    --no-deps "opentelemetry-proto==$(.venv/bin/python -c \
+    'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" >&2
   echo "$wanted" > "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -7,13 +7,24 @@ exception a caller already catches for that situation, so ``except httpx.HTTPErr
     MeshError
      ├── ConfigError (ValueError)              configuration that cannot be used as it is
      ├── ConfigTimeout (TimeoutError)          no configuration from the control plane in time
+     ├── MeshRpcError (grpc.RpcError, grpc.aio.AioRpcError)  a gRPC call the mesh ended itself:
+     │                                          code(), details(), flags in trailing metadata
      └── UpstreamError (httpx.TransportError)  a request got no response from upstream
           ├── UpstreamConnectError (httpx.ConnectError, ConnectionError)   flags UF, URX
           ├── UpstreamTimeout (httpx.TimeoutException, TimeoutError)       flag UT
-          └── UpstreamReset (httpx.ReadError, ConnectionError)             flags UC, UR
+          ├── UpstreamReset (httpx.ReadError, ConnectionError)             flags UC, UR
+          └── RequestsUpstreamError (requests.RequestException)      the same, from requests
+               ├── RequestsUpstreamConnectError (UpstreamConnectError, requests.ConnectionError)
+               ├── RequestsUpstreamTimeout (UpstreamTimeout, requests.ReadTimeout)
+               └── RequestsUpstreamReset (UpstreamReset, requests.ConnectionError)
 
 ``response_flags`` carries Envoy's response flags for the request, as an access log would show
 them (``UF,URX``: connection failures, retries exhausted).
+
+The ``Requests*`` errors are what the requests adapter raises, so that ``except
+requests.ConnectionError`` (or ``requests.Timeout``) keeps working. They live in
+:mod:`libmesh.transport` with the adapter, because only the ``libmesh[requests]`` extra brings
+requests; their ``request`` is the ``requests.PreparedRequest``.
 """
 
 from __future__ import annotations

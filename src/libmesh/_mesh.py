@@ -23,19 +23,33 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import grpc
+import grpc.aio
 import httpx
 
 from ._exceptions import ConfigError, ConfigTimeout
 from ._frozen import FrozenMap
 from .config import Loader, LoadResult, Registry
 from .policy import ClusterStats, Engine
-from .transport import AsyncMeshTransport, MeshTransport
+from .telemetry import Telemetry
+from .transport import (
+    AsyncMeshClientInterceptor,
+    AsyncMeshTransport,
+    MeshClientInterceptor,
+    MeshTransport,
+)
+from .transport._grpc import mesh_aio_channel, mesh_channel
 from .xds import Locality, Node, Registration, Snapshot, TranslationCache, translate
 from .xds._client import XdsClient, XdsStatus
+
+if TYPE_CHECKING:
+    import requests
+
+    from .transport import MeshAdapter
 
 __all__ = ["DEFAULT", "Mesh", "node_from_environment"]
 
@@ -95,6 +109,11 @@ class Mesh:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.last_result: LoadResult | None = None
+        self.telemetry = Telemetry(
+            node,
+            clusters=lambda: self._engine.clusters,
+            config_version=lambda: self._engine.version,
+        )
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, node: Node | None = None) -> Mesh:
@@ -305,6 +324,60 @@ class Mesh:
 
     def async_client(self, **options: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=self.async_transport(), **options)
+
+    def requests_adapter(self, **options: Any) -> MeshAdapter:
+        """A ``requests`` transport adapter on this mesh (needs ``libmesh[requests]``);
+        ``options`` go to each underlying ``httpx.HTTPTransport``, as for :meth:`transport`."""
+        from .transport._requests import MeshAdapter
+
+        return MeshAdapter(self, **options)
+
+    def session(self, **options: Any) -> requests.Session:
+        """A ``requests.Session`` whose ``http://`` requests go through this mesh; ``options``
+        go to :meth:`requests_adapter`."""
+        import requests
+
+        session = requests.Session()
+        session.mount("http://", self.requests_adapter(**options))
+        # https:// keeps requests' own adapter until the mesh originates TLS itself: mTLS with
+        # SPIFFE identities comes with the security work.
+        return session
+
+    def grpc_channel(
+        self,
+        target: str,
+        options: Sequence[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.Channel:
+        """``grpc.insecure_channel(target, options, compression)`` with the mesh's policies
+        applied to its calls (``target`` is ``host:port``; short names resolve in this mesh's
+        namespace). Closing it closes the channels it made to each endpoint."""
+        return mesh_channel(self, target, options, compression)
+
+    def grpc_aio_channel(
+        self,
+        target: str,
+        options: Sequence[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.aio.Channel:
+        """The ``grpc.aio`` twin of :meth:`grpc_channel`."""
+        return mesh_aio_channel(self, target, options, compression)
+
+    def grpc_interceptor(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = ()
+    ) -> MeshClientInterceptor:
+        """The interceptor for a channel to ``target`` made otherwise: ``interceptor.intercept(
+        grpc.secure_channel(...))``, or ``grpc.intercept_channel(channel, ..., interceptor)``
+        (last in the chain) and ``interceptor.close()`` with the channel. ``options`` go to
+        the channel made to each endpoint."""
+        return MeshClientInterceptor(self, target, options=options)
+
+    def grpc_aio_interceptor(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = ()
+    ) -> AsyncMeshClientInterceptor:
+        """For ``grpc.aio.insecure_channel(target, interceptors=[...,
+        *interceptor.interceptors()])``; ``await interceptor.aclose()`` with the channel."""
+        return AsyncMeshClientInterceptor(self, target, options=options)
 
     # what happened -----------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The in-process data plane against real HTTP servers on 127.0.0.1, with httpx's sync and async
-clients: what a user of libmesh observes, counted at the servers."""
+clients and with requests: what a user of libmesh observes, counted at the servers."""
 
 from __future__ import annotations
 
@@ -238,15 +238,15 @@ def test_a_streamed_request_body_is_sent_once_and_never_retried(
     backends.behave(0, status=503, fail_first=1)
     caller = connect(mesh_of(mesh_dir(service("reviews", "shop", backends.ports), retrying("5xx"))))
 
-    if caller.mode == "sync":
-        streamed: object = iter([b"part one, ", b"part two"])
-    else:
+    if caller.mode == "async":
 
         async def chunks():  # type: ignore[no-untyped-def]
             yield b"part one, "
             yield b"part two"
 
-        streamed = chunks()
+        streamed: object = chunks()
+    else:
+        streamed = iter([b"part one, ", b"part two"])
     failed = caller.request("POST", URL + "/upload", content=streamed)
     replayable = caller.request("POST", URL + "/upload", content=b"all at once")
 

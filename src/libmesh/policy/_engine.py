@@ -110,13 +110,17 @@ class Call:
         "flags",
         "replayable",
         "request",
+        "service",
         "started",
     )
 
-    def __init__(self, engine: Engine, decision: Forward, request: RequestView) -> None:
+    def __init__(
+        self, engine: Engine, decision: Forward, request: RequestView, service: str = ""
+    ) -> None:
         self._engine = engine
         self.decision = decision
         self.request = request
+        self.service = service  # the listener's host:port, the service the caller named
         self.started = engine.clock()
         self._deadline = self.started + decision.timeout if decision.timeout else None
         retry = decision.retry
@@ -350,13 +354,21 @@ class Call:
         headers: Mapping[str, str],
         grpc_status: int | None = None,
     ) -> Step:
-        """The attempt got response headers: deliver them, or retry."""
-        self._observe(attempt, status=status)
+        """The attempt got response headers: deliver them, or retry. For gRPC, ``status`` is
+        the HTTP status (200) and ``grpc_status`` the call's; outlier detection and the
+        statistics see the gRPC status mapped to HTTP, as Envoy reports it (UNAVAILABLE is a
+        503), while retries read both as they are."""
+        observed = status
+        if status == 200 and grpc_status:
+            observed = _HTTP_OF_GRPC.get(grpc_status, 500)
+        self._observe(attempt, status=observed)
         policy = self.decision.retry
         if policy is not None and policy.retries_status(status, headers, grpc_status):
             step = self._maybe_retry(attempt, policy)
             if step is not None:
                 return step
+            if self._retries_left <= 0 and self.replayable:
+                self.flags.append("URX")  # Envoy: the retry limit is why this answer stands
         return DELIVER
 
     def failed(self, attempt: Attempt, failure: Failure) -> Step:
@@ -639,7 +651,14 @@ class Engine:
             return LocalReply(decision.status, headers=(("location", decision.location(request)),))
         if isinstance(decision, DirectResponse):
             return LocalReply(decision.status, decision.body)
-        return Call(self, decision, request)
+        return Call(self, decision, request, table.name)
+
+
+# Envoy's Grpc::Utility::grpcToHttpStatus.
+_HTTP_OF_GRPC = {
+    1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
+    12: 501, 13: 500, 14: 503, 15: 500, 16: 401,
+}  # fmt: skip
 
 
 def _check_assignment(assignment: endpoint_pb2.ClusterLoadAssignment) -> str | None:

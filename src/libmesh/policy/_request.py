@@ -74,6 +74,9 @@ class RequestView:
         for part in raw.split(";"):
             key, _, value = part.strip().partition("=")
             if key == name:
+                # a quoted value means the text inside the quotes, as Envoy parses cookies
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    return value[1:-1]
                 return value
         return None
 

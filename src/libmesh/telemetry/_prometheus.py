@@ -10,10 +10,10 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-__all__ = ["Counter", "Gauge", "Histogram", "MetricsRegistry"]
+__all__ = ["Counter", "Gauge", "Histogram", "LabelValues", "MetricsRegistry"]
 
 LabelValues = tuple[str, ...]
 
@@ -77,6 +77,17 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
+    def mirror(self, value: float, **labels: str) -> None:
+        """Take the value of a counter kept elsewhere (read at scrape time)."""
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = float(value)
+
+    def inc_values(self, values: LabelValues, amount: float = 1.0) -> None:
+        """``inc`` with the label values already in ``label_names`` order (the hot path)."""
+        with self._lock:
+            self._values[values] = self._values.get(values, 0.0) + amount
+
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
@@ -104,6 +115,11 @@ class Gauge(Counter):
     def dec(self, amount: float = 1.0, **labels: str) -> None:
         self.inc(-amount, **labels)
 
+    def clear(self) -> None:
+        """Forget every label set (for an info-style gauge whose labels change)."""
+        with self._lock:
+            self._values.clear()
+
 
 class Histogram(_Metric):
     """Observations counted into cumulative buckets, with their sum and count."""
@@ -125,6 +141,16 @@ class Histogram(_Metric):
             series = self._series.get(key)
             if series is None:
                 series = self._series[key] = ([0] * (len(self.buckets) + 1), [0.0])
+            series[0][index] += 1
+            series[1][0] += value
+
+    def observe_values(self, values: LabelValues, value: float) -> None:
+        """``observe`` with the label values already in ``label_names`` order (the hot path)."""
+        index = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            series = self._series.get(values)
+            if series is None:
+                series = self._series[values] = ([0] * (len(self.buckets) + 1), [0.0])
             series[0][index] += 1
             series[1][0] += value
 
@@ -155,6 +181,7 @@ class MetricsRegistry:
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._collectors: list[Callable[[], None]] = []
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         return self._add(Counter(name, help, labels))
@@ -173,6 +200,12 @@ class MetricsRegistry:
         self._metrics[metric.name] = metric
         return metric
 
+    def on_render(self, collect: Callable[[], None]) -> None:
+        """Call ``collect`` before each rendering, to refresh gauges read from elsewhere."""
+        self._collectors.append(collect)
+
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
+        for collect in self._collectors:
+            collect()
         return "".join(m.render() for m in self._metrics.values())

@@ -42,6 +42,8 @@ from ..policy import (
     RequestView,
 )
 from ..policy._routing import NO_HEADERS, HeaderOps
+from ..telemetry import ClientCall, Telemetry
+from ..telemetry._tracing import suppressed_instrumentation
 
 __all__ = ["AsyncMeshTransport", "MeshInfo", "MeshTransport"]
 
@@ -49,10 +51,12 @@ logger = logging.getLogger("libmesh")
 
 
 class EngineSource(Protocol):
-    """Anything that holds the current engine (a :class:`~libmesh.Mesh`)."""
+    """Anything that holds the current engine and its telemetry (a :class:`~libmesh.Mesh`)."""
 
     @property
     def engine(self) -> Engine: ...
+
+    telemetry: Telemetry
 
 
 class MeshInfo(NamedTuple):
@@ -129,6 +133,17 @@ def _is_replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
+def _earlier(first: float | None, second: float | None) -> float | None:
+    """The shorter of two timeouts, ``None`` meaning none."""
+    if first is None:
+        return second
+    return first if second is None or first < second else second
+
+
+def _is_grpc(request: httpx.Request) -> bool:
+    return str(request.headers.get("content-type", "")).startswith("application/grpc")
+
+
 def _failure_of(exc: httpx.TransportError) -> Failure:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return Failure.CONNECT_FAILURE
@@ -169,15 +184,72 @@ class _Base:
             _apply_header_ops(request.headers, attempt.headers)
             if attempt.authority:
                 request.headers["host"] = attempt.authority
-        connect = attempt.cluster.settings.connect_timeout
         timeout = attempt.timeout
+        connect = _earlier(attempt.cluster.settings.connect_timeout, timeout)
+        # The caller's own timeouts (httpx's, or requests') still bound each operation: the
+        # route's timeout can only make them shorter.
+        caller = saved[2] or {}
         extensions["timeout"] = {
-            "connect": connect if timeout is None or connect < timeout else timeout,
-            "read": timeout,
-            "write": timeout,
-            "pool": timeout,
+            "connect": _earlier(connect, caller.get("connect")),
+            "read": _earlier(timeout, caller.get("read")),
+            "write": _earlier(timeout, caller.get("write")),
+            "pool": _earlier(timeout, caller.get("pool")),
         }
         return saved
+
+    def _observe(self, call: Call, request: httpx.Request) -> ClientCall:
+        protocol = "grpc" if _is_grpc(request) else "http"
+        return self._source.telemetry.client_call(
+            service=call.service, method=request.method, path=request.url.path, protocol=protocol
+        )
+
+    @staticmethod
+    def _report(
+        observed: ClientCall,
+        call: Call,
+        request: httpx.Request,
+        *,
+        status: int,
+        flags: str,
+        attempt: Attempt | None = None,
+        response: httpx.Response | None = None,
+        response_bytes: int = 0,
+    ) -> None:
+        """The call is over: one metric sample, the spans end, one access-log line."""
+        headers = response.headers if response is not None else None
+        grpc_status = headers.get("grpc-status", "") if headers is not None else ""
+        observed.finish(
+            status=status,
+            flags=flags or "-",
+            grpc_status=grpc_status,
+            request_bytes=len(request.content) if _is_replayable(request) else 0,
+            response_bytes=response_bytes,
+            upstream_host=attempt.host.key if attempt is not None else "",
+            cluster=attempt.cluster.name if attempt is not None else "",
+            route=call.decision.route_name,
+            destination_labels=attempt.host.labels if attempt is not None else None,
+            response_headers=headers,
+        )
+
+    def _when_read(
+        self,
+        observed: ClientCall,
+        call: Call,
+        attempt: Attempt,
+        request: httpx.Request,
+        response: httpx.Response,
+    ) -> Callable[[int], None]:
+        """What happens once the caller has read (or closed) the response body."""
+
+        def done(read: int) -> None:
+            call.finish(attempt)
+            self._report(
+                observed, call, request, status=response.status_code,
+                flags=",".join(call.flags), attempt=attempt, response=response,
+                response_bytes=read,
+            )  # fmt: skip
+
+        return done
 
     @staticmethod
     def _restore(request: httpx.Request, saved: Any) -> None:
@@ -321,12 +393,17 @@ class _AsyncEndpointTransport(httpx.AsyncHTTPTransport):
 
 
 class _FinishingStream(httpx.SyncByteStream):
-    def __init__(self, stream: httpx.SyncByteStream, done: Callable[[], None]) -> None:
+    """The response body; when it is closed, the call ends (``done`` gets the bytes read)."""
+
+    def __init__(self, stream: httpx.SyncByteStream, done: Callable[[int], None]) -> None:
         self._stream = stream
-        self._done: Callable[[], None] | None = done
+        self._done: Callable[[int], None] | None = done
+        self._read = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._stream)
+        for chunk in self._stream:
+            self._read += len(chunk)
+            yield chunk
 
     def close(self) -> None:
         try:
@@ -334,7 +411,7 @@ class _FinishingStream(httpx.SyncByteStream):
         finally:
             if self._done is not None:
                 done, self._done = self._done, None
-                done()
+                done(self._read)
 
 
 class MeshTransport(httpx.BaseTransport):
@@ -370,9 +447,12 @@ class MeshTransport(httpx.BaseTransport):
             return _local_response(started, request)
         call = started
         call.replayable = _is_replayable(request)
+        base = self._base
+        observed = base._observe(call, request)
         if call.delay:
             _sleep(call.delay)
         if call.abort is not None:
+            base._report(observed, call, request, status=call.abort.status, flags=call.abort.flags)
             return _local_response(call.abort, request)
         if call.replayable and call.decision.mirrors:
             self._send_mirrors(call, request)
@@ -380,42 +460,53 @@ class MeshTransport(httpx.BaseTransport):
             step: Any = call.next()
             while isinstance(step, Attempt):
                 if call.decision.hedge_on_per_try_timeout and call.hedging:
-                    step = self._race(call, step, request)
+                    step = self._race(call, step, request, observed)
                 else:
-                    step = self._try(call, step, request)
+                    step = self._try(call, step, request, observed)
                 if isinstance(step, httpx.Response):
                     return step
             if isinstance(step, Backoff):
                 _sleep(step.seconds)
                 continue
             if isinstance(step, LocalReply):
+                base._report(observed, call, request, status=step.status, flags=step.flags)
                 return _local_response(step, request)
             if isinstance(step, Fail):
-                raise self._base._error(step, call, request)
+                base._report(observed, call, request, status=0, flags=",".join(call.flags))
+                raise base._error(step, call, request)
             raise AssertionError(step)  # pragma: no cover
 
-    def _try(self, call: Call, attempt: Attempt, request: httpx.Request) -> Any:
+    def _try(
+        self, call: Call, attempt: Attempt, request: httpx.Request, observed: ClientCall
+    ) -> Any:
         transport = self._endpoint(attempt.cluster, attempt.host)
         saved = self._base._prepare(request, attempt)
+        observed.attempt(request.headers, attempt.host.key, attempt.cluster.name)
         try:
-            response = transport.handle_request(request)
+            with suppressed_instrumentation():
+                response = transport.handle_request(request)
         except httpx.TransportError as exc:
-            return call.failed(attempt, _failure_of(exc))
+            failure = _failure_of(exc)
+            observed.attempt_done(error=failure.name)
+            return call.failed(attempt, failure)
         finally:
             self._base._restore(request, saved)
+        observed.attempt_done(response.status_code, response.headers.get("grpc-status", ""))
         step = call.responded(
             attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
         if step is DELIVER:
             response.stream = _FinishingStream(
                 response.stream,  # type: ignore[arg-type]
-                lambda: call.finish(attempt),
+                self._base._when_read(observed, call, attempt, request, response),
             )
             return self._base._finish_response(response, call, attempt, request)
         _discard(response)
         return step
 
-    def _race(self, call: Call, first: Attempt, request: httpx.Request) -> Any:
+    def _race(
+        self, call: Call, first: Attempt, request: httpx.Request, observed: ClientCall
+    ) -> Any:
         """Hedging: each time an attempt outlasts the per-try timeout, another one races it;
         the first final response wins, the others are abandoned."""
         pool = self._racers()
@@ -444,7 +535,7 @@ class MeshTransport(httpx.BaseTransport):
                 if _settles(call, attempt, outcome, bool(racing)):
                     for loser_future, loser in racing.items():
                         loser_future.add_done_callback(_abandon(call, loser))
-                    return self._settle(call, attempt, outcome, request)
+                    return self._settle(call, attempt, outcome, request, observed)
                 if isinstance(outcome, httpx.Response):
                     _discard(outcome)
         raise AssertionError("a race ends with a settled attempt")  # pragma: no cover
@@ -463,6 +554,7 @@ class MeshTransport(httpx.BaseTransport):
         attempt: Attempt,
         outcome: httpx.Response | Failure,
         request: httpx.Request,
+        observed: ClientCall,
     ) -> Any:
         if not isinstance(outcome, httpx.Response):
             return call.failed(attempt, outcome)
@@ -472,7 +564,7 @@ class MeshTransport(httpx.BaseTransport):
         if step is DELIVER:
             outcome.stream = _FinishingStream(
                 outcome.stream,  # type: ignore[arg-type]
-                lambda: call.finish(attempt),
+                self._base._when_read(observed, call, attempt, request, outcome),
             )
             return self._base._finish_response(outcome, call, attempt, request)
         _discard(outcome)
@@ -577,12 +669,15 @@ def _endpoint_options(cluster: ClusterState, options: dict[str, Any]) -> dict[st
 
 
 class _AsyncFinishingStream(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, done: Callable[[], None]) -> None:
+    def __init__(self, stream: httpx.AsyncByteStream, done: Callable[[int], None]) -> None:
         self._stream = stream
-        self._done: Callable[[], None] | None = done
+        self._done: Callable[[int], None] | None = done
+        self._read = 0
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._stream.__aiter__()
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            self._read += len(chunk)
+            yield chunk
 
     async def aclose(self) -> None:
         try:
@@ -590,7 +685,7 @@ class _AsyncFinishingStream(httpx.AsyncByteStream):
         finally:
             if self._done is not None:
                 done, self._done = self._done, None
-                done()
+                done(self._read)
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
@@ -621,9 +716,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return _local_response(started, request)
         call = started
         call.replayable = _is_replayable(request)
+        base = self._base
+        observed = base._observe(call, request)
         if call.delay:
             await _asleep(call.delay)
         if call.abort is not None:
+            base._report(observed, call, request, status=call.abort.status, flags=call.abort.flags)
             return _local_response(call.abort, request)
         if call.replayable and call.decision.mirrors:
             self._send_mirrors(call, request)
@@ -631,42 +729,53 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             step: Any = call.next()
             while isinstance(step, Attempt):
                 if call.decision.hedge_on_per_try_timeout and call.hedging:
-                    step = await self._race(call, step, request)
+                    step = await self._race(call, step, request, observed)
                 else:
-                    step = await self._try(call, step, request)
+                    step = await self._try(call, step, request, observed)
                 if isinstance(step, httpx.Response):
                     return step
             if isinstance(step, Backoff):
                 await _asleep(step.seconds)
                 continue
             if isinstance(step, LocalReply):
+                base._report(observed, call, request, status=step.status, flags=step.flags)
                 return _local_response(step, request)
             if isinstance(step, Fail):
-                raise self._base._error(step, call, request)
+                base._report(observed, call, request, status=0, flags=",".join(call.flags))
+                raise base._error(step, call, request)
             raise AssertionError(step)  # pragma: no cover
 
-    async def _try(self, call: Call, attempt: Attempt, request: httpx.Request) -> Any:
+    async def _try(
+        self, call: Call, attempt: Attempt, request: httpx.Request, observed: ClientCall
+    ) -> Any:
         transport = self._endpoint(attempt.cluster, attempt.host)
         saved = self._base._prepare(request, attempt)
+        observed.attempt(request.headers, attempt.host.key, attempt.cluster.name)
         try:
-            response = await transport.handle_async_request(request)
+            with suppressed_instrumentation():
+                response = await transport.handle_async_request(request)
         except httpx.TransportError as exc:
-            return call.failed(attempt, _failure_of(exc))
+            failure = _failure_of(exc)
+            observed.attempt_done(error=failure.name)
+            return call.failed(attempt, failure)
         finally:
             self._base._restore(request, saved)
+        observed.attempt_done(response.status_code, response.headers.get("grpc-status", ""))
         step = call.responded(
             attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
         if step is DELIVER:
             response.stream = _AsyncFinishingStream(
                 response.stream,  # type: ignore[arg-type]
-                lambda: call.finish(attempt),
+                self._base._when_read(observed, call, attempt, request, response),
             )
             return self._base._finish_response(response, call, attempt, request)
         await _adiscard(response)
         return step
 
-    async def _race(self, call: Call, first: Attempt, request: httpx.Request) -> Any:
+    async def _race(
+        self, call: Call, first: Attempt, request: httpx.Request, observed: ClientCall
+    ) -> Any:
         """Hedging, as in the sync twin; losing attempts are cancelled."""
         racing: dict[asyncio.Task[Any], Attempt] = {}
 
@@ -692,7 +801,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     attempt = racing.pop(task)
                     outcome = task.result()
                     if _settles(call, attempt, outcome, bool(racing)):
-                        return await self._settle(call, attempt, outcome, request)
+                        return await self._settle(call, attempt, outcome, request, observed)
                     if isinstance(outcome, httpx.Response):
                         await _adiscard(outcome)
             raise AssertionError("a race ends with a settled attempt")  # pragma: no cover
@@ -715,6 +824,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         attempt: Attempt,
         outcome: httpx.Response | Failure,
         request: httpx.Request,
+        observed: ClientCall,
     ) -> Any:
         if not isinstance(outcome, httpx.Response):
             return call.failed(attempt, outcome)
@@ -724,7 +834,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if step is DELIVER:
             outcome.stream = _AsyncFinishingStream(
                 outcome.stream,  # type: ignore[arg-type]
-                lambda: call.finish(attempt),
+                self._base._when_read(observed, call, attempt, request, outcome),
             )
             return self._base._finish_response(outcome, call, attempt, request)
         await _adiscard(outcome)

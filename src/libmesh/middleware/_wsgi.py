@@ -1,0 +1,132 @@
+"""The inbound side for WSGI applications (Flask, Django, Bottle, …)::
+
+    app.wsgi_app = libmesh.middleware.MeshWSGIMiddleware(app.wsgi_app, mesh=mesh)
+
+The request's span stays current, and the request is counted, until the server has sent the
+whole response body (WSGI bodies are iterables that the server drains after the app returns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..telemetry import InboundRequest, Telemetry
+from ._asgi import _telemetry_of
+
+__all__ = ["MeshWSGIMiddleware", "WSGIApp", "metrics_wsgi_app"]
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def _headers(environ: dict[str, Any]) -> dict[str, str]:
+    headers = {
+        key[5:].replace("_", "-").lower(): value
+        for key, value in environ.items()
+        if key.startswith("HTTP_")
+    }
+    if environ.get("CONTENT_TYPE"):
+        headers["content-type"] = environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        headers["content-length"] = environ["CONTENT_LENGTH"]
+    return headers
+
+
+class MeshWSGIMiddleware:
+    """libmesh's inbound middleware for any WSGI application."""
+
+    def __init__(
+        self, app: WSGIApp, mesh: Any = None, *, telemetry: Telemetry | None = None
+    ) -> None:
+        self.app = app
+        self.telemetry = _telemetry_of(mesh, telemetry)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        headers = _headers(environ)
+        authority = headers.get("host") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
+        request = self.telemetry.inbound_request(
+            method=environ["REQUEST_METHOD"],
+            path=environ.get("PATH_INFO", "/"),
+            authority=authority,
+            headers=headers,
+            client_address=environ.get("REMOTE_ADDR", ""),
+        )
+        if request.request_id_generated:
+            environ["HTTP_X_REQUEST_ID"] = request.request_id
+        environ["libmesh.inbound"] = request.inbound
+        length = environ.get("CONTENT_LENGTH")
+        request_bytes = int(length) if length and length.isdigit() else 0
+        extra = list(request.response_headers())
+        status = [0]
+
+        def observing_start_response(
+            status_line: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            status[0] = int(status_line.split(" ", 1)[0])
+            return start_response(status_line, [*response_headers, *extra], exc_info)
+
+        request.__enter__()
+        try:
+            body = self.app(environ, observing_start_response)
+        except BaseException as exc:
+            request.finish(status=status[0] or 500, request_bytes=request_bytes)
+            request.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return _ObservedBody(body, request, status, request_bytes)
+
+
+class _ObservedBody:
+    """The app's body as the server drains it; closing it ends the request."""
+
+    def __init__(
+        self,
+        body: Iterable[bytes],
+        request: InboundRequest,
+        status: list[int],
+        request_bytes: int,
+    ) -> None:
+        self._body = body
+        self._request: InboundRequest | None = request
+        self._status = status
+        self._request_bytes = request_bytes
+        self._sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._body:
+            self._sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            request, self._request = self._request, None
+            if request is not None:
+                request.finish(
+                    status=self._status[0] or 500,
+                    request_bytes=self._request_bytes,
+                    response_bytes=self._sent,
+                )
+                request.__exit__(None, None, None)
+
+
+def metrics_wsgi_app(mesh: Any = None, *, telemetry: Telemetry | None = None) -> WSGIApp:
+    """A WSGI app serving the mesh's metrics in Prometheus' text format, e.g. with
+    ``werkzeug.middleware.dispatcher.DispatcherMiddleware(app.wsgi_app, {"/metrics": ...})``."""
+    source = _telemetry_of(mesh, telemetry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        body = source.render_metrics().encode()
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+            ],
+        )
+        return [body]
+
+    return app

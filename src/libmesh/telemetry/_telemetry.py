@@ -1,0 +1,550 @@
+"""What a mesh records about each request, whichever library carried it.
+
+Transports and middleware stay thin: they open a :class:`ClientCall` or an
+:class:`InboundRequest` here, tell it what happened in their own terms (an attempt, a status,
+a byte count), and this module turns it into spans, trace headers, Istio's metrics and an
+access-log line — the same for httpx, requests, grpc, ASGI and WSGI.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ..policy import ClusterState
+from ..xds import Node
+from ._access_log import AccessLog, AccessLogEntry, format_start_time
+from ._istio import IstioMetrics, RequestRecord
+from ._peer import (
+    GRPC_PEER_METADATA,
+    GRPC_PEER_METADATA_ID,
+    PEER_METADATA,
+    PEER_METADATA_ID,
+    UNKNOWN,
+    Peer,
+    decode_peer,
+    encode_peer,
+)
+from ._prometheus import MetricsRegistry
+from ._tracing import REQUEST_ID, Propagation, ServerSpan, new_request_id, tracer, tracing_enabled
+
+__all__ = ["ClientCall", "Inbound", "InboundRequest", "Telemetry", "current_inbound"]
+
+
+@dataclass(slots=True)
+class Inbound:
+    """The request this code is serving, as the server middleware saw it: what later
+    outbound calls propagate, and who is calling (``libmesh.current_inbound()``).
+
+    ``peer_principal`` is the caller's verified SPIFFE ID when the connection is mTLS (``""``
+    on plaintext); ``request_principal`` is ``iss/sub`` of a validated JWT (``""`` without
+    one)."""
+
+    request_id: str
+    source: Peer
+    peer_principal: str = ""
+    request_principal: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+_INBOUND: contextvars.ContextVar[Inbound | None] = contextvars.ContextVar(
+    "libmesh_inbound", default=None
+)
+
+
+_UNKNOWN_PEER = Peer()
+
+
+def current_inbound() -> Inbound | None:
+    """The inbound request being served in this context, if a libmesh middleware or
+    interceptor is serving one."""
+    return _INBOUND.get()
+
+
+_GRPC_CODES = {
+    "0": "OK", "1": "CANCELLED", "2": "UNKNOWN", "3": "INVALID_ARGUMENT", "4": "DEADLINE_EXCEEDED",
+    "5": "NOT_FOUND", "6": "ALREADY_EXISTS", "7": "PERMISSION_DENIED", "8": "RESOURCE_EXHAUSTED",
+    "9": "FAILED_PRECONDITION", "10": "ABORTED", "11": "OUT_OF_RANGE", "12": "UNIMPLEMENTED",
+    "13": "INTERNAL", "14": "UNAVAILABLE", "15": "DATA_LOSS", "16": "UNAUTHENTICATED",
+}  # fmt: skip
+
+
+class Telemetry:
+    """One mesh's telemetry: its metrics registry, its trace propagation and its access log.
+
+    ``clusters`` gives the engine's clusters, whose statistics become libmesh's own metrics at
+    each scrape; ``config_version`` the configuration version applied."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        propagation: Propagation | None = None,
+        access_log: AccessLog | None = None,
+        clusters: Callable[[], Mapping[str, ClusterState]] | None = None,
+        config_version: Callable[[], str] | None = None,
+    ) -> None:
+        env = os.environ
+        self.registry = MetricsRegistry()
+        self.istio = IstioMetrics(self.registry)
+        self.propagation = propagation or Propagation.from_environment(env)
+        self.access_log = access_log or AccessLog.from_environment(env.get("LIBMESH_ACCESS_LOG"))
+        self.local = Peer.of_node(node)
+        self._peer_headers = encode_peer(node, self.local.workload, self.local.cluster)
+        self._own = _OwnMetrics(self.registry, clusters, config_version)
+        self.clock = time.perf_counter
+
+    # outbound --------------------------------------------------------------------------------
+
+    def client_call(
+        self, *, service: str, method: str, path: str, protocol: str = "http"
+    ) -> ClientCall:
+        """Start observing one logical outbound call to ``service`` (``host:port``)."""
+        return ClientCall(self, service, method, path, protocol)
+
+    # inbound ---------------------------------------------------------------------------------
+
+    def inbound_request(
+        self,
+        *,
+        method: str,
+        path: str,
+        authority: str,
+        headers: Mapping[str, str],
+        protocol: str = "http",
+        client_address: str = "",
+        span_name: str | None = None,
+    ) -> InboundRequest:
+        """Start observing one inbound request; ``headers`` must have lower-case names."""
+        return InboundRequest(
+            self, method, path, authority, headers, protocol, client_address, span_name
+        )
+
+    def render_metrics(self) -> str:
+        return self.registry.render()
+
+
+class _OwnMetrics:
+    """libmesh's own metrics, read from the engine at scrape time: nothing to do per
+    request. Named after Envoy's cluster statistics."""
+
+    def __init__(
+        self,
+        registry: MetricsRegistry,
+        clusters: Callable[[], Mapping[str, ClusterState]] | None,
+        config_version: Callable[[], str] | None,
+    ) -> None:
+        self._clusters = clusters
+        self._version = config_version
+        labels = ["cluster"]
+        counter, gauge = registry.counter, registry.gauge
+        self.counters = {
+            "upstream_rq_total": counter(
+                "libmesh_upstream_rq_total", "Attempts sent, per cluster.", labels
+            ),
+            "upstream_rq_retry": counter(
+                "libmesh_upstream_rq_retry_total", "Retries, per cluster.", labels
+            ),
+            "upstream_rq_retry_overflow": counter(
+                "libmesh_upstream_rq_retry_overflow_total",
+                "Retries refused by the retry budget or the maxRetries limit.",
+                labels,
+            ),
+            "upstream_rq_pending_overflow": counter(
+                "libmesh_upstream_rq_pending_overflow_total",
+                "Requests refused by the circuit breaker (503, flag UO).",
+                labels,
+            ),
+            "upstream_rq_timeout": counter(
+                "libmesh_upstream_rq_timeout_total", "Requests that timed out (UT).", labels
+            ),
+            "outlier_ejections": counter(
+                "libmesh_outlier_detection_ejections_total", "Endpoint ejections.", labels
+            ),
+        }
+        self.ejected = gauge(
+            "libmesh_outlier_detection_ejections_active", "Endpoints ejected now.", labels
+        )
+        self.breaker_open = gauge(
+            "libmesh_circuit_breakers_rq_open",
+            "1 while the cluster's concurrent request limit is reached (Envoy's rq_open).",
+            labels,
+        )
+        self.version = gauge(
+            "libmesh_config_info", "The configuration version applied (value 1).", ["version"]
+        )
+        registry.on_render(self.collect)
+
+    def collect(self) -> None:
+        if self._clusters is not None:
+            for name, cluster in self._clusters().items():
+                stats = cluster.stats
+                for field_name, metric in self.counters.items():
+                    metric.mirror(getattr(stats, field_name), cluster=name)
+                ejected = sum(1 for h in cluster.hosts if h.monitor.ejected)
+                self.ejected.set(ejected, cluster=name)
+                breaker = cluster.breaker
+                self.breaker_open.set(
+                    int(breaker.in_flight >= breaker.limits.max_requests), cluster=name
+                )
+        if self._version is not None:
+            version = self._version() or "none"
+            self.version.clear()
+            self.version.set(1, version=version)
+
+
+class ClientCall:
+    """One logical outbound call: a span, a span per attempt, then one metric sample and one
+    access-log line when it ends."""
+
+    __slots__ = (
+        "_attempt_span",
+        "_method",
+        "_path",
+        "_protocol",
+        "_service",
+        "_span",
+        "_started",
+        "_started_at",
+        "_telemetry",
+        "attempts",
+        "request_id",
+    )
+
+    def __init__(
+        self, telemetry: Telemetry, service: str, method: str, path: str, protocol: str
+    ) -> None:
+        self._telemetry = telemetry
+        self._service = service
+        self._method = method
+        self._path = path
+        self._protocol = protocol
+        self._started = telemetry.clock()
+        self._started_at = time.time()
+        inbound = _INBOUND.get()
+        self.request_id = inbound.request_id if inbound is not None else new_request_id()
+        self._span: trace.Span | None = None
+        if tracing_enabled():
+            self._span = tracer().start_span(
+                f"{service}/*",
+                kind=SpanKind.INTERNAL,
+                attributes={"upstream.service": service, "http.request.method": method},
+            )
+        self._attempt_span: trace.Span | None = None
+        self.attempts = 0
+
+    def attempt(self, headers: MutableMapping[str, str], endpoint: str, cluster: str) -> None:
+        """An attempt is about to go to ``endpoint``: its span starts, and ``headers`` get the
+        trace context, the request id and this workload's peer metadata."""
+        self.attempts += 1
+        telemetry = self._telemetry
+        if self._span is None:  # no tracer provider: pass the caller's context along
+            telemetry.propagation.inject(headers)
+        else:
+            host, _, port = endpoint.rpartition(":")
+            span = self._attempt_span = tracer().start_span(
+                self._method,
+                context=trace.set_span_in_context(self._span),
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": self._method,
+                    "url.path": self._path,
+                    "server.address": self._service.rpartition(":")[0],
+                    "network.peer.address": host,
+                    "network.peer.port": int(port) if port.isdigit() else 0,
+                    "upstream_cluster": cluster,
+                    "http.request.resend_count": self.attempts - 1,
+                },
+            )
+            telemetry.propagation.inject(headers, trace.set_span_in_context(span, Context()))
+        given = headers.get(REQUEST_ID)
+        if given:
+            self.request_id = given
+        else:
+            headers[REQUEST_ID] = self.request_id
+        peer_id, peer = telemetry._peer_headers
+        if self._protocol == "grpc":
+            headers[GRPC_PEER_METADATA_ID] = peer_id
+            headers[GRPC_PEER_METADATA] = peer
+        else:
+            headers[PEER_METADATA_ID] = peer_id
+            headers[PEER_METADATA] = peer
+
+    def attempt_done(self, status: int = 0, grpc_status: str = "", error: str = "") -> None:
+        span, self._attempt_span = self._attempt_span, None
+        if span is None:
+            return
+        if status:
+            span.set_attribute("http.response.status_code", status)
+        if grpc_status:
+            span.set_attribute("rpc.grpc.status_code", int(grpc_status))
+        if error or status >= 500:
+            span.set_status(Status(StatusCode.ERROR, error or None))
+        span.end()
+
+    def finish(
+        self,
+        *,
+        status: int,
+        flags: str = "-",
+        grpc_status: str = "",
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        upstream_host: str = "",
+        cluster: str = "",
+        route: str = "",
+        destination_labels: Mapping[str, str] | None = None,
+        response_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """The call is over: the response was read (or there was none, ``status`` 0)."""
+        self.attempt_done(status, grpc_status)
+        telemetry = self._telemetry
+        duration_ms = (telemetry.clock() - self._started) * 1000
+        destination: Peer | None = None
+        if response_headers is not None:
+            exchanged = response_headers.get(PEER_METADATA) or response_headers.get(
+                GRPC_PEER_METADATA
+            )
+            if exchanged:
+                destination = decode_peer(exchanged)
+        if destination is None:
+            host = self._service.rpartition(":")[0]
+            destination = Peer.from_labels(destination_labels or {}, namespace=_namespace_of(host))
+        host = self._service.rpartition(":")[0]
+        telemetry.istio.record(
+            RequestRecord(
+                reporter="source",
+                source=telemetry.local,
+                destination=destination,
+                destination_service=host,
+                protocol=self._protocol,
+                response_code=status,
+                grpc_status=grpc_status,
+                response_flags=flags or "-",
+                duration_ms=duration_ms,
+                request_bytes=request_bytes,
+                response_bytes=response_bytes,
+            )
+        )
+        span = self._span
+        if span is not None:
+            span.set_attribute("response_flags", flags or "-")
+            if status:
+                span.set_attribute("http.response.status_code", status)
+            if status == 0 or status >= 500:
+                span.set_status(Status(StatusCode.ERROR, f"response flags {flags}"))
+            span.end()
+        log = telemetry.access_log
+        if log is not None:
+            context = (span if span is not None else trace.get_current_span()).get_span_context()
+            log.write(
+                AccessLogEntry(
+                    start_time=format_start_time(self._started_at),
+                    route_name=route or None,
+                    method=self._method,
+                    path=self._path,
+                    protocol="HTTP/2" if self._protocol == "grpc" else "HTTP/1.1",
+                    response_code=status,
+                    response_flags=flags or "-",
+                    bytes_received=response_bytes,
+                    bytes_sent=request_bytes,
+                    duration=round(duration_ms),
+                    request_id=self.request_id,
+                    authority=self._service,
+                    upstream_host=upstream_host or None,
+                    upstream_cluster=cluster or None,
+                    trace_id=f"{context.trace_id:032x}" if context.trace_id else None,
+                    grpc_status=_GRPC_CODES.get(grpc_status, grpc_status) or None,
+                    reporter="source",
+                )
+            )
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _namespace_of(host: str) -> str:
+    parts = host.split(".")
+    return parts[1] if len(parts) > 2 else UNKNOWN
+
+
+class InboundRequest:
+    """One inbound request: its server span (current while the application runs), then one
+    metric sample and one access-log line."""
+
+    __slots__ = (
+        "_authority",
+        "_client_address",
+        "_headers",
+        "_method",
+        "_path",
+        "_protocol",
+        "_span",
+        "_span_name",
+        "_started",
+        "_started_at",
+        "_telemetry",
+        "_token",
+        "exchanged",
+        "inbound",
+        "request_id",
+        "request_id_generated",
+    )
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        method: str,
+        path: str,
+        authority: str,
+        headers: Mapping[str, str],
+        protocol: str,
+        client_address: str,
+        span_name: str | None,
+    ) -> None:
+        self._telemetry = telemetry
+        self._method = method
+        self._path = path
+        self._authority = authority
+        self._headers = headers
+        self._protocol = protocol
+        self._client_address = client_address
+        self._span_name = span_name or method
+        self._started = telemetry.clock()
+        self._started_at = time.time()
+        given = headers.get(REQUEST_ID)
+        self.request_id = given or new_request_id()
+        self.request_id_generated = not given
+        exchanged = headers.get(PEER_METADATA) or headers.get(GRPC_PEER_METADATA)
+        self.exchanged = exchanged is not None
+        source = decode_peer(exchanged) if exchanged else None
+        self.inbound = Inbound(self.request_id, source or _UNKNOWN_PEER, headers=headers)
+        self._span = ServerSpan()
+        self._token: contextvars.Token[Inbound | None] | None = None
+
+    def __enter__(self) -> InboundRequest:
+        headers = self._headers
+        parent = self._telemetry.propagation.extract(headers)
+        self._span.enter(
+            self._span_name,
+            parent,
+            {
+                "http.request.method": self._method,
+                "url.path": self._path,
+                "server.address": self._authority,
+                "client.address": self._client_address,
+                "request_id": self.request_id,
+            },
+        )
+        self._token = _INBOUND.set(self.inbound)
+        return self
+
+    def __exit__(self, kind: object = None, error: BaseException | None = None, *_: object) -> None:
+        if self._token is not None:
+            _INBOUND.reset(self._token)
+            self._token = None
+        self._span.exit(error)
+
+    def _served_service(self) -> str:
+        """The service this request was for, as ``destination_service`` names it: the host the
+        caller named, made whole; for a caller that dialled an address, this workload's
+        canonical service."""
+        host = self._authority
+        if host.startswith("["):
+            host = host[1 : host.find("]")]
+        elif host.count(":") == 1:
+            host = host.rpartition(":")[0]
+        local = self._telemetry.local
+        if not host or host == "localhost" or _is_address(host):
+            if local.canonical_service == UNKNOWN:
+                return UNKNOWN
+            return f"{local.canonical_service}.{local.namespace}.svc.cluster.local"
+        if "." not in host:
+            return f"{host}.{local.namespace}.svc.cluster.local"
+        return host
+
+    def response_headers(self) -> Iterator[tuple[str, str]]:
+        """Headers the response gets: this workload's peer metadata, for a caller that sent
+        its own (Istio's exchange), and the request id when the caller sent none."""
+        if self.exchanged:
+            peer_id, peer = self._telemetry._peer_headers
+            if self._protocol == "grpc":
+                yield GRPC_PEER_METADATA_ID, peer_id
+                yield GRPC_PEER_METADATA, peer
+            else:
+                yield PEER_METADATA_ID, peer_id
+                yield PEER_METADATA, peer
+
+    def finish(
+        self,
+        *,
+        status: int,
+        grpc_status: str = "",
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        flags: str = "-",
+    ) -> None:
+        telemetry = self._telemetry
+        duration_ms = (telemetry.clock() - self._started) * 1000
+        span = self._span.span if self._span.owned else None  # a borrowed one may be over
+        if span is not None:
+            if status:
+                span.set_attribute("http.response.status_code", status)
+            if grpc_status:
+                span.set_attribute("rpc.grpc.status_code", int(grpc_status))
+            if status >= 500 or (grpc_status not in ("", "0") and self._protocol == "grpc"):
+                span.set_status(Status(StatusCode.ERROR))
+        telemetry.istio.record(
+            RequestRecord(
+                reporter="destination",
+                source=self.inbound.source,
+                destination=telemetry.local,
+                destination_service=self._served_service(),
+                protocol=self._protocol,
+                response_code=status,
+                grpc_status=grpc_status,
+                response_flags=flags,
+                security_policy="mutual_tls" if self.inbound.peer_principal else "none",
+                duration_ms=duration_ms,
+                request_bytes=request_bytes,
+                response_bytes=response_bytes,
+            )
+        )
+        log = telemetry.access_log
+        if log is not None:
+            context = (self._span.span or trace.get_current_span()).get_span_context()
+            headers = self._headers
+            log.write(
+                AccessLogEntry(
+                    start_time=format_start_time(self._started_at),
+                    method=self._method,
+                    path=self._path,
+                    protocol="HTTP/2" if self._protocol == "grpc" else "HTTP/1.1",
+                    response_code=status,
+                    response_flags=flags,
+                    bytes_received=request_bytes,
+                    bytes_sent=response_bytes,
+                    duration=round(duration_ms),
+                    x_forwarded_for=headers.get("x-forwarded-for"),
+                    user_agent=headers.get("user-agent"),
+                    request_id=self.request_id,
+                    authority=self._authority,
+                    downstream_remote_address=self._client_address or None,
+                    trace_id=f"{context.trace_id:032x}" if context and context.trace_id else None,
+                    grpc_status=_GRPC_CODES.get(grpc_status, grpc_status) or None,
+                    reporter="destination",
+                )
+            )

@@ -1,0 +1,223 @@
+"""Tracing with OpenTelemetry: which headers carry a trace, and the spans libmesh makes.
+
+libmesh uses the OpenTelemetry API only: spans go to whatever tracer provider the application
+configured (OTLP, Zipkin, Jaeger, the console…), and with none configured they cost next to
+nothing while the trace context still passes through, as an Envoy without a tracer propagates
+it. Incoming requests are read in W3C tracecontext, then B3 (single ``b3`` header or the
+``x-b3-*`` set); outgoing ones carry the formats in :class:`Propagation` — by default W3C and
+B3 multi-header, what OpenTelemetry and Zipkin (and so Istio's Zipkin setup) read.
+
+Spans, as OpenTelemetry's HTTP conventions lay them out for a client that resends:
+
+- inbound: one ``SERVER`` span per request, a child of the caller's context — unless
+  OpenTelemetry's own server instrumentation already made one, which libmesh then annotates;
+- outbound: one ``INTERNAL`` span per logical call (``reviews.shop.svc.cluster.local:8080/*``,
+  Envoy's name for it) and one ``CLIENT`` span per attempt under it, whose context is what the
+  attempt carries upstream. OpenTelemetry's httpx/requests/grpc instrumentations are
+  suppressed inside an attempt, so nothing is recorded twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = [
+    "REQUEST_ID",
+    "Propagation",
+    "ServerSpan",
+    "new_request_id",
+    "suppressed_instrumentation",
+    "tracer",
+    "tracing_enabled",
+]
+
+REQUEST_ID = "x-request-id"
+_FORMATS: dict[str, TextMapPropagator] = {
+    "tracecontext": TraceContextTextMapPropagator(),
+    "b3multi": B3MultiFormat(),
+    "b3": B3SingleFormat(),
+}
+_TRACECONTEXT = _FORMATS["tracecontext"]
+_B3 = _FORMATS["b3multi"]  # reads the single ``b3`` header too
+_SUPPRESS_HTTP = otel_context.create_key("suppress_http_instrumentation")
+# The key OpenTelemetry's instrumentations check; create_key makes a new one each call, so the
+# real key must come from the context module itself.
+_SUPPRESS_HTTP = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", _SUPPRESS_HTTP)
+
+
+_TRACERS: dict[int, trace.Tracer] = {}
+
+
+def tracer() -> trace.Tracer:
+    """libmesh's tracer from the current provider (cached per provider)."""
+    provider = trace.get_tracer_provider()
+    found = _TRACERS.get(id(provider))
+    if found is None:
+        from .. import __version__
+
+        found = _TRACERS[id(provider)] = provider.get_tracer("libmesh", __version__)
+    return found
+
+
+class _MappingGetter(Getter[Mapping[str, str]]):
+    """Reads header mappings whose keys are lower-case (ASGI, grpc metadata, or any
+    case-insensitive mapping such as httpx's and requests' headers)."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier.keys())
+
+
+class _MappingSetter(Setter[MutableMapping[str, str]]):
+    def set(self, carrier: MutableMapping[str, str], key: str, value: str) -> None:
+        carrier[key] = value
+
+
+_GETTER = _MappingGetter()
+_SETTER = _MappingSetter()
+
+
+@dataclass(frozen=True, slots=True)
+class Propagation:
+    """Which trace headers outgoing requests carry: any of ``tracecontext`` (W3C),
+    ``b3multi`` (``x-b3-traceid``, …) and ``b3`` (the single header)."""
+
+    formats: Sequence[str] = ("tracecontext", "b3multi")
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in _FORMATS]
+        if unknown:
+            raise ValueError(
+                f"unknown trace propagation format {', '.join(unknown)}; "
+                f"choose from {', '.join(_FORMATS)}"
+            )
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> Propagation:
+        """``LIBMESH_PROPAGATORS=tracecontext,b3``; else OpenTelemetry's own
+        ``OTEL_PROPAGATORS`` (the formats libmesh knows among them), so that libmesh and the
+        application's other instrumentation speak the same; else the default."""
+        own = environ.get("LIBMESH_PROPAGATORS")
+        if own:
+            return cls(tuple(p.strip() for p in own.split(",") if p.strip()))
+        known = tuple(
+            p.strip()
+            for p in environ.get("OTEL_PROPAGATORS", "").split(",")
+            if p.strip() in _FORMATS
+        )
+        return cls(known) if known else cls()
+
+    def extract(self, headers: Mapping[str, str]) -> Context:
+        """The caller's trace context, from whichever format it sent (W3C first)."""
+        if "traceparent" in headers:
+            return _TRACECONTEXT.extract(headers, getter=_GETTER)
+        if "b3" in headers or "x-b3-traceid" in headers:
+            return _B3.extract(headers, getter=_GETTER)
+        return Context()
+
+    def inject(self, headers: MutableMapping[str, str], context: Context | None = None) -> None:
+        for name in self.formats:
+            _FORMATS[name].inject(headers, context=context, setter=_SETTER)
+
+
+def new_request_id() -> str:
+    """A random UUID (version 4), as Envoy generates for ``x-request-id``; built from
+    ``random.getrandbits``, several times cheaper than ``uuid.uuid4()``, since a request id
+    needs to be unique, not secret."""
+    bits = (_random.getrandbits(128) & _UUID_CLEAR) | _UUID_SET
+    text = f"{bits:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+_random = random.Random()
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def tracing_enabled() -> bool:
+    """Whether the application installed a tracer provider (an SDK). Without one, spans
+    would all be no-ops: libmesh then only passes the caller's trace context along."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def _instrumented_server_span() -> trace.Span | None:
+    """The server span OpenTelemetry's own instrumentation (ASGI, WSGI, grpc) opened for this
+    request, if it did."""
+    span = trace.get_current_span()
+    if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+        return span
+    return None
+
+
+def _continues(span: trace.Span, parent: Context) -> bool:
+    """Whether another instrumentation's server span continues the caller's trace: it may not
+    read the caller's format (B3, when OpenTelemetry is set up for W3C only), and then libmesh's
+    own span must carry the trace on."""
+    caller = trace.get_current_span(parent).get_span_context()
+    return not caller.is_valid or span.get_span_context().trace_id == caller.trace_id
+
+
+class ServerSpan:
+    """The span of one inbound request, current between ``enter`` and ``exit`` (a plain
+    object rather than a context manager: this runs for every request)."""
+
+    __slots__ = ("_token", "owned", "span")
+
+    def __init__(self) -> None:
+        self.span: trace.Span | None = None
+        self._token: object = None
+        self.owned = False
+
+    def enter(self, name: str, parent: Context, attributes: Mapping[str, Any]) -> None:
+        if not tracing_enabled():
+            if parent:  # pass the caller's context through to outbound calls
+                self._token = otel_context.attach(parent)
+            return
+        existing = _instrumented_server_span()
+        if existing is not None and _continues(existing, parent):
+            existing.set_attributes(dict(attributes))
+            self.span = existing
+            return
+        span = tracer().start_span(
+            name, context=parent, kind=SpanKind.SERVER, attributes=dict(attributes)
+        )
+        self.span = span
+        self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+        self.owned = True
+
+    def exit(self, error: BaseException | None) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+            span = self.span
+            if span is not None and self.owned:
+                if error is not None:
+                    span.record_exception(error)
+                    span.set_status(Status(StatusCode.ERROR, str(error)))
+                span.end()
+
+
+@contextmanager
+def suppressed_instrumentation() -> Iterator[None]:
+    """Inside an attempt: OpenTelemetry's HTTP instrumentations stay silent (libmesh's
+    attempt span is the client span)."""
+    token = otel_context.attach(otel_context.set_value(_SUPPRESS_HTTP, True))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
