@@ -52,9 +52,11 @@ app = FastAPI()
 async def empty() -> str:
     return ""
 
+# Both apps import libmesh and make its telemetry (a libmesh user has both either way): the
+# difference is the middleware alone.
+telemetry = Telemetry(Node(namespace="bench", labels={"app": "bench"}))
 if sys.argv[2] == "mesh":
-    app.add_middleware(libmesh.middleware.MeshMiddleware,
-                       telemetry=Telemetry(Node(namespace="bench", labels={"app": "bench"})))
+    app.add_middleware(libmesh.middleware.MeshMiddleware, telemetry=telemetry)
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
 """
 

@@ -3,6 +3,7 @@ Grafana dashboards and alerts work unchanged on libmesh's ``/metrics``."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 
@@ -70,9 +71,26 @@ def _service_name_and_namespace(host: str) -> tuple[str, str]:
     return name or UNKNOWN, namespace or UNKNOWN
 
 
+class _Series:
+    """One label set's counts, for all four metrics at once."""
+
+    __slots__ = ("count", "durations", "labels", "request_sizes", "response_sizes", "sums")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.count = 0
+        self.durations = [0] * (len(DURATION_BUCKETS_MS) + 1)
+        self.request_sizes = [0] * (len(SIZE_BUCKETS_BYTES) + 1)
+        self.response_sizes = [0] * (len(SIZE_BUCKETS_BYTES) + 1)
+        self.sums = [0.0, 0.0, 0.0]  # duration, request bytes, response bytes
+
+
 class IstioMetrics:
     """``istio_requests_total``, ``istio_request_duration_milliseconds``,
-    ``istio_request_bytes`` and ``istio_response_bytes``."""
+    ``istio_request_bytes`` and ``istio_response_bytes``.
+
+    A request updates one series (all four metrics) under one lock; the registered metrics
+    are filled from the series when they are rendered."""
 
     def __init__(self, registry: MetricsRegistry) -> None:
         self.requests = registry.counter("istio_requests_total", "Total requests.", ISTIO_LABELS)
@@ -94,42 +112,98 @@ class IstioMetrics:
             ISTIO_LABELS,
             buckets=SIZE_BUCKETS_BYTES,
         )
-        # Label values per (peers, service, outcome): a service sees few distinct ones, so the
-        # tuple is built once and looked up after.
-        self._keys: dict[tuple[object, ...], tuple[str, ...]] = {}
+        # Per (peers, service, outcome): a service sees few distinct ones.
+        self._series: dict[tuple[object, ...], _Series] = {}
         self._lock = threading.Lock()
+        registry.on_render(self._publish)
+
+    def observe(
+        self,
+        reporter: str,
+        source: Peer,
+        destination: Peer,
+        destination_service: str,
+        protocol: str,
+        response_code: int,
+        grpc_status: str,
+        response_flags: str,
+        security_policy: str,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """One request's outcome (the hot path)."""
+        identity = (
+            reporter, source, destination, destination_service, protocol, response_code,
+            grpc_status, response_flags, security_policy,
+        )  # fmt: skip
+        series = self._series.get(identity)
+        if series is None:
+            series = _Series(_label_values(*identity))
+            with self._lock:
+                if len(self._series) > 10_000:  # a bound, whatever the callers send
+                    self._series.clear()
+                series = self._series.setdefault(identity, series)
+        duration_at = bisect.bisect_left(DURATION_BUCKETS_MS, duration_ms)
+        request_at = bisect.bisect_left(SIZE_BUCKETS_BYTES, request_bytes)
+        response_at = bisect.bisect_left(SIZE_BUCKETS_BYTES, response_bytes)
+        with self._lock:
+            series.count += 1
+            series.durations[duration_at] += 1
+            series.request_sizes[request_at] += 1
+            series.response_sizes[response_at] += 1
+            sums = series.sums
+            sums[0] += duration_ms
+            sums[1] += request_bytes
+            sums[2] += response_bytes
 
     def record(self, r: RequestRecord) -> None:
-        identity = (
+        self.observe(
             r.reporter, r.source, r.destination, r.destination_service, r.protocol,
             r.response_code, r.grpc_status, r.response_flags, r.security_policy,
+            r.duration_ms, r.request_bytes, r.response_bytes,
         )  # fmt: skip
-        values = self._keys.get(identity)
-        if values is None:
-            values = self._label_values(r)
-            with self._lock:
-                if len(self._keys) > 10_000:  # a bound, whatever the callers send
-                    self._keys.clear()
-                self._keys[identity] = values
-        self.requests.inc_values(values)
-        self.duration.observe_values(values, r.duration_ms)
-        self.request_bytes.observe_values(values, r.request_bytes)
-        self.response_bytes.observe_values(values, r.response_bytes)
 
-    @staticmethod
-    def _label_values(r: RequestRecord) -> tuple[str, ...]:
-        s, d = r.source, r.destination
-        service_name, service_namespace = _service_name_and_namespace(r.destination_service)
-        return (
-            r.reporter,
-            s.workload, s.namespace, s.principal, s.app, s.version,
-            s.canonical_service, s.canonical_revision, s.cluster,
-            d.workload, d.namespace, d.principal, d.app, d.version,
-            r.destination_service or UNKNOWN, service_name, service_namespace,
-            d.canonical_service, d.canonical_revision, d.cluster,
-            r.protocol,
-            str(r.response_code),
-            r.grpc_status or "-",
-            r.response_flags or "-",
-            r.security_policy,
-        )  # fmt: skip
+    def _publish(self) -> None:
+        """Copy the series into the registered metrics, for rendering."""
+        with self._lock:
+            snapshot = [
+                (s.labels, s.count, list(s.durations), list(s.request_sizes),
+                 list(s.response_sizes), list(s.sums))
+                for s in self._series.values()
+            ]  # fmt: skip
+        self.requests.replace({labels: float(count) for labels, count, *_ in snapshot})
+        self.duration.replace({labels: (d, [sums[0]]) for labels, _, d, _, _, sums in snapshot})
+        self.request_bytes.replace(
+            {labels: (q, [sums[1]]) for labels, _, _, q, _, sums in snapshot}
+        )
+        self.response_bytes.replace(
+            {labels: (r, [sums[2]]) for labels, _, _, _, r, sums in snapshot}
+        )
+
+
+def _label_values(
+    reporter: str,
+    s: Peer,
+    d: Peer,
+    destination_service: str,
+    protocol: str,
+    response_code: int,
+    grpc_status: str,
+    response_flags: str,
+    security_policy: str,
+) -> tuple[str, ...]:
+    service_name, service_namespace = _service_name_and_namespace(destination_service)
+    return (
+        reporter,
+        s.workload, s.namespace, s.principal, s.app, s.version,
+        s.canonical_service, s.canonical_revision, s.cluster,
+        d.workload, d.namespace, d.principal, d.app, d.version,
+        destination_service or UNKNOWN, service_name, service_namespace,
+        d.canonical_service, d.canonical_revision, d.cluster,
+        protocol,
+        str(response_code),
+        grpc_status,
+        response_flags or "-",
+        security_policy,
+    )  # fmt: skip

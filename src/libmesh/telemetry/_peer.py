@@ -16,7 +16,7 @@ import binascii
 import functools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
@@ -59,6 +59,19 @@ class Peer:
     canonical_service: str = UNKNOWN
     canonical_revision: str = "latest"
     cluster: str = UNKNOWN
+    # Peers key the metrics' series on every request: hash once.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "_hash",
+            hash((self.workload, self.namespace, self.principal, self.app, self.version,
+                  self.canonical_service, self.canonical_revision, self.cluster)),
+        )  # fmt: skip
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def from_labels(

@@ -83,6 +83,11 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = float(value)
 
+    def replace(self, values: dict[LabelValues, float]) -> None:
+        """Take every label set's value from a source that counts elsewhere."""
+        with self._lock:
+            self._values = values
+
     def inc_values(self, values: LabelValues, amount: float = 1.0) -> None:
         """``inc`` with the label values already in ``label_names`` order (the hot path)."""
         with self._lock:
@@ -143,6 +148,12 @@ class Histogram(_Metric):
                 series = self._series[key] = ([0] * (len(self.buckets) + 1), [0.0])
             series[0][index] += 1
             series[1][0] += value
+
+    def replace(self, series: dict[LabelValues, tuple[list[int], list[float]]]) -> None:
+        """Take every label set's bucket counts (the last one +Inf) and sum from a source
+        that counts elsewhere."""
+        with self._lock:
+            self._series = series
 
     def observe_values(self, values: LabelValues, value: float) -> None:
         """``observe`` with the label values already in ``label_names`` order (the hot path)."""

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ..policy import ClusterState
 from ..xds import Node
 from ._access_log import AccessLog, AccessLogEntry, format_start_time
-from ._istio import IstioMetrics, RequestRecord
+from ._istio import IstioMetrics
 from ._peer import (
     GRPC_PEER_METADATA,
     GRPC_PEER_METADATA_ID,
@@ -100,6 +100,7 @@ class Telemetry:
         self.local = Peer.of_node(node)
         self._peer_headers = encode_peer(node, self.local.workload, self.local.cluster)
         self._own = _OwnMetrics(self.registry, clusters, config_version)
+        self._served: dict[str, str] = {}  # authority -> destination_service
         self.clock = time.perf_counter
 
     # outbound --------------------------------------------------------------------------------
@@ -319,21 +320,10 @@ class ClientCall:
             host = self._service.rpartition(":")[0]
             destination = Peer.from_labels(destination_labels or {}, namespace=_namespace_of(host))
         host = self._service.rpartition(":")[0]
-        telemetry.istio.record(
-            RequestRecord(
-                reporter="source",
-                source=telemetry.local,
-                destination=destination,
-                destination_service=host,
-                protocol=self._protocol,
-                response_code=status,
-                grpc_status=grpc_status,
-                response_flags=flags or "-",
-                duration_ms=duration_ms,
-                request_bytes=request_bytes,
-                response_bytes=response_bytes,
-            )
-        )
+        telemetry.istio.observe(
+            "source", telemetry.local, destination, host, self._protocol, status, grpc_status,
+            flags or "-", UNKNOWN, duration_ms, request_bytes, response_bytes,
+        )  # fmt: skip
         span = self._span
         if span is not None:
             span.set_attribute("response_flags", flags or "-")
@@ -462,6 +452,15 @@ class InboundRequest:
         """The service this request was for, as ``destination_service`` names it: the host the
         caller named, made whole; for a caller that dialled an address, this workload's
         canonical service."""
+        served = self._telemetry._served
+        found = served.get(self._authority)
+        if found is None:
+            if len(served) > 1000:
+                served.clear()
+            found = served[self._authority] = self._name_served_service()
+        return found
+
+    def _name_served_service(self) -> str:
         host = self._authority
         if host.startswith("["):
             host = host[1 : host.find("]")]
@@ -507,22 +506,12 @@ class InboundRequest:
                 span.set_attribute("rpc.grpc.status_code", int(grpc_status))
             if status >= 500 or (grpc_status not in ("", "0") and self._protocol == "grpc"):
                 span.set_status(Status(StatusCode.ERROR))
-        telemetry.istio.record(
-            RequestRecord(
-                reporter="destination",
-                source=self.inbound.source,
-                destination=telemetry.local,
-                destination_service=self._served_service(),
-                protocol=self._protocol,
-                response_code=status,
-                grpc_status=grpc_status,
-                response_flags=flags,
-                security_policy="mutual_tls" if self.inbound.peer_principal else "none",
-                duration_ms=duration_ms,
-                request_bytes=request_bytes,
-                response_bytes=response_bytes,
-            )
-        )
+        telemetry.istio.observe(
+            "destination", self.inbound.source, telemetry.local, self._served_service(),
+            self._protocol, status, grpc_status, flags,
+            "mutual_tls" if self.inbound.peer_principal else "none",
+            duration_ms, request_bytes, response_bytes,
+        )  # fmt: skip
         log = telemetry.access_log
         if log is not None:
             context = (self._span.span or trace.get_current_span()).get_span_context()
