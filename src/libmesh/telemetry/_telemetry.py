@@ -12,7 +12,7 @@ import contextvars
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -25,9 +25,7 @@ from ._access_log import AccessLog, AccessLogEntry, format_start_time
 from ._istio import IstioMetrics
 from ._peer import (
     GRPC_PEER_METADATA,
-    GRPC_PEER_METADATA_ID,
     PEER_METADATA,
-    PEER_METADATA_ID,
     UNKNOWN,
     Peer,
     decode_peer,
@@ -98,18 +96,28 @@ class Telemetry:
         self.propagation = propagation or Propagation.from_environment(env)
         self.access_log = access_log or AccessLog.from_environment(env.get("LIBMESH_ACCESS_LOG"))
         self.local = Peer.of_node(node)
-        self._peer_headers = encode_peer(node, self.local.workload, self.local.cluster)
+        self._peer_id, self._peer = encode_peer(node, self.local.workload, self.local.cluster)
         self._own = _OwnMetrics(self.registry, clusters, config_version)
         self._served: dict[str, str] = {}  # authority -> destination_service
+        # (service, id(endpoint labels)) -> (the labels, their peer); the labels are kept so
+        # that an id cannot be reused while its entry lives
+        self._destinations: dict[tuple[str, int], tuple[object, Peer]] = {}
         self.clock = time.perf_counter
 
     # outbound --------------------------------------------------------------------------------
 
     def client_call(
-        self, *, service: str, method: str, path: str, protocol: str = "http"
+        self,
+        *,
+        service: str,
+        method: str,
+        path: str,
+        protocol: str = "http",
+        request_id: str | None = None,
     ) -> ClientCall:
-        """Start observing one logical outbound call to ``service`` (``host:port``)."""
-        return ClientCall(self, service, method, path, protocol)
+        """Start observing one logical outbound call to ``service`` (``host:port``);
+        ``request_id`` is the ``x-request-id`` the caller set, if it set one."""
+        return ClientCall(self, service, method, path, protocol, request_id)
 
     # inbound ---------------------------------------------------------------------------------
 
@@ -131,6 +139,19 @@ class Telemetry:
 
     def render_metrics(self) -> str:
         return self.registry.render()
+
+    def _destination(self, service: str, labels: Mapping[str, str] | None) -> Peer:
+        """The peer an endpoint is, from its labels (when it did not say who it is)."""
+        key = (service, id(labels))
+        found = self._destinations.get(key)
+        if found is None or found[0] is not labels:
+            if len(self._destinations) > 10_000:
+                self._destinations.clear()
+            peer = Peer.from_labels(
+                labels or {}, namespace=_namespace_of(service.rpartition(":")[0])
+            )
+            found = self._destinations[key] = (labels, peer)
+        return found[1]
 
 
 class _OwnMetrics:
@@ -211,17 +232,23 @@ class ClientCall:
         "_method",
         "_path",
         "_protocol",
+        "_request_id_given",
         "_service",
         "_span",
         "_started",
-        "_started_at",
         "_telemetry",
         "attempts",
         "request_id",
     )
 
     def __init__(
-        self, telemetry: Telemetry, service: str, method: str, path: str, protocol: str
+        self,
+        telemetry: Telemetry,
+        service: str,
+        method: str,
+        path: str,
+        protocol: str,
+        request_id: str | None,
     ) -> None:
         self._telemetry = telemetry
         self._service = service
@@ -229,9 +256,11 @@ class ClientCall:
         self._path = path
         self._protocol = protocol
         self._started = telemetry.clock()
-        self._started_at = time.time()
-        inbound = _INBOUND.get()
-        self.request_id = inbound.request_id if inbound is not None else new_request_id()
+        self._request_id_given = request_id is not None
+        if request_id is None:
+            inbound = _INBOUND.get()
+            request_id = inbound.request_id if inbound is not None else new_request_id()
+        self.request_id = request_id
         self._span: trace.Span | None = None
         if tracing_enabled():
             self._span = tracer().start_span(
@@ -242,13 +271,16 @@ class ClientCall:
         self._attempt_span: trace.Span | None = None
         self.attempts = 0
 
-    def attempt(self, headers: MutableMapping[str, str], endpoint: str, cluster: str) -> None:
-        """An attempt is about to go to ``endpoint``: its span starts, and ``headers`` get the
-        trace context, the request id and this workload's peer metadata."""
+    def attempt(self, endpoint: str, cluster: str) -> list[tuple[str, str]]:
+        """An attempt is about to go to ``endpoint``: its span starts. Returns the headers
+        the attempt must carry (set, replacing any of the same name): the trace context, the
+        request id, and this workload's peer metadata."""
         self.attempts += 1
         telemetry = self._telemetry
-        if self._span is None:  # no tracer provider: pass the caller's context along
-            telemetry.propagation.inject(headers)
+        headers: dict[str, str] = {}
+        if self._span is None:  # no tracer provider: pass the caller's context along, if any
+            if trace.get_current_span().get_span_context().is_valid:
+                telemetry.propagation.inject(headers)
         else:
             host, _, port = endpoint.rpartition(":")
             span = self._attempt_span = tracer().start_span(
@@ -266,18 +298,13 @@ class ClientCall:
                 },
             )
             telemetry.propagation.inject(headers, trace.set_span_in_context(span, Context()))
-        given = headers.get(REQUEST_ID)
-        if given:
-            self.request_id = given
-        else:
-            headers[REQUEST_ID] = self.request_id
-        peer_id, peer = telemetry._peer_headers
-        if self._protocol == "grpc":
-            headers[GRPC_PEER_METADATA_ID] = peer_id
-            headers[GRPC_PEER_METADATA] = peer
-        else:
-            headers[PEER_METADATA_ID] = peer_id
-            headers[PEER_METADATA] = peer
+        pairs = list(headers.items())
+        if not self._request_id_given:
+            pairs.append((REQUEST_ID, self.request_id))
+        pairs.append(
+            (GRPC_PEER_METADATA if self._protocol == "grpc" else PEER_METADATA, telemetry._peer)
+        )
+        return pairs
 
     def attempt_done(self, status: int = 0, grpc_status: str = "", error: str = "") -> None:
         span, self._attempt_span = self._attempt_span, None
@@ -317,8 +344,7 @@ class ClientCall:
             if exchanged:
                 destination = decode_peer(exchanged)
         if destination is None:
-            host = self._service.rpartition(":")[0]
-            destination = Peer.from_labels(destination_labels or {}, namespace=_namespace_of(host))
+            destination = telemetry._destination(self._service, destination_labels)
         host = self._service.rpartition(":")[0]
         telemetry.istio.observe(
             "source", telemetry.local, destination, host, self._protocol, status, grpc_status,
@@ -337,7 +363,7 @@ class ClientCall:
             context = (span if span is not None else trace.get_current_span()).get_span_context()
             log.write(
                 AccessLogEntry(
-                    start_time=format_start_time(self._started_at),
+                    start_time=format_start_time(time.time() - duration_ms / 1000),
                     route_name=route or None,
                     method=self._method,
                     path=self._path,
@@ -385,7 +411,6 @@ class InboundRequest:
         "_span",
         "_span_name",
         "_started",
-        "_started_at",
         "_telemetry",
         "_token",
         "exchanged",
@@ -414,7 +439,6 @@ class InboundRequest:
         self._client_address = client_address
         self._span_name = span_name or method
         self._started = telemetry.clock()
-        self._started_at = time.time()
         given = headers.get(REQUEST_ID)
         self.request_id = given or new_request_id()
         self.request_id_generated = not given
@@ -479,13 +503,8 @@ class InboundRequest:
         """Headers the response gets: this workload's peer metadata, for a caller that sent
         its own (Istio's exchange), and the request id when the caller sent none."""
         if self.exchanged:
-            peer_id, peer = self._telemetry._peer_headers
-            if self._protocol == "grpc":
-                yield GRPC_PEER_METADATA_ID, peer_id
-                yield GRPC_PEER_METADATA, peer
-            else:
-                yield PEER_METADATA_ID, peer_id
-                yield PEER_METADATA, peer
+            peer = self._telemetry._peer
+            yield (GRPC_PEER_METADATA if self._protocol == "grpc" else PEER_METADATA), peer
 
     def finish(
         self,
@@ -518,7 +537,7 @@ class InboundRequest:
             headers = self._headers
             log.write(
                 AccessLogEntry(
-                    start_time=format_start_time(self._started_at),
+                    start_time=format_start_time(time.time() - duration_ms / 1000),
                     method=self._method,
                     path=self._path,
                     protocol="HTTP/2" if self._protocol == "grpc" else "HTTP/1.1",

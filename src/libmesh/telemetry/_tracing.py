@@ -20,8 +20,8 @@ Spans, as OpenTelemetry's HTTP conventions lay them out for a client that resend
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+import sys
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,7 @@ class _MappingSetter(Setter[MutableMapping[str, str]]):
 
 
 _GETTER = _MappingGetter()
+_NO_CONTEXT = Context()  # immutable: one serves every request without a trace
 _SETTER = _MappingSetter()
 
 
@@ -128,7 +129,7 @@ class Propagation:
             return _TRACECONTEXT.extract(headers, getter=_GETTER)
         if "b3" in headers or "x-b3-traceid" in headers:
             return _B3.extract(headers, getter=_GETTER)
-        return Context()
+        return _NO_CONTEXT
 
     def inject(self, headers: MutableMapping[str, str], context: Context | None = None) -> None:
         for name in self.formats:
@@ -212,12 +213,27 @@ class ServerSpan:
                 span.end()
 
 
-@contextmanager
-def suppressed_instrumentation() -> Iterator[None]:
+class _Suppressed:
     """Inside an attempt: OpenTelemetry's HTTP instrumentations stay silent (libmesh's
-    attempt span is the client span)."""
-    token = otel_context.attach(otel_context.set_value(_SUPPRESS_HTTP, True))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+    attempt span is the client span). Nothing to do, and nothing done, until an
+    instrumentation package has been imported."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        if _instrumentation_loaded():
+            self._token: object = otel_context.attach(otel_context.set_value(_SUPPRESS_HTTP, True))
+        else:
+            self._token = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+def _instrumentation_loaded() -> bool:
+    return "opentelemetry.instrumentation.utils" in sys.modules
+
+
+def suppressed_instrumentation() -> _Suppressed:
+    return _Suppressed()

@@ -462,8 +462,13 @@ class _Shared:
         codec = _codec(continuation, aio)
         if isinstance(codec, MeshRpcError):
             return codec
+        given = next((v for k, v in details.metadata or () if k == "x-request-id"), None)
         observed = self.source.telemetry.client_call(
-            service=started.service, method="POST", path=method, protocol="grpc"
+            service=started.service,
+            method="POST",
+            path=method,
+            protocol="grpc",
+            request_id=given if isinstance(given, str) else None,
         )
         deadline = time.monotonic() + details.timeout if details.timeout is not None else None
         wait = started.delay
@@ -515,10 +520,7 @@ class _Shared:
         """The attempt's metadata: the route's header rules applied, and the trace context,
         request id and peer metadata the telemetry adds."""
         metadata = _apply_header_ops(details.metadata, attempt.headers)
-        headers = {k: v for k, v in metadata if isinstance(v, str)}
-        before = dict(headers)
-        observed.attempt(headers, attempt.host.key, attempt.cluster.name)
-        added = {k.lower(): v for k, v in headers.items() if before.get(k) != v}
+        added = dict(observed.attempt(attempt.host.key, attempt.cluster.name))
         return (*((k, v) for k, v in metadata if k not in added), *added.items())
 
     def settle(

@@ -140,8 +140,34 @@ def _earlier(first: float | None, second: float | None) -> float | None:
     return first if second is None or first < second else second
 
 
-def _is_grpc(request: httpx.Request) -> bool:
-    return str(request.headers.get("content-type", "")).startswith("application/grpc")
+def _header(headers: httpx.Headers, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case). Reads httpx's header list directly:
+    ``Headers.get`` builds lists and decodes every entry, several microseconds per lookup on
+    a path that makes a handful of them per request."""
+    entries = getattr(headers, "_list", None)
+    if entries is None:  # pragma: no cover - another httpx layout: the public way
+        value = headers.get(name.decode("latin-1"))
+        return None if value is None else str(value)
+    for _, key, value in entries:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _set_headers(headers: httpx.Headers, pairs: list[tuple[str, str]]) -> None:
+    """Set each header of ``pairs`` (lower-case names), replacing any of the same name, as
+    ``headers[name] = value`` does but without its per-call scans."""
+    entries = getattr(headers, "_list", None)
+    if entries is None:  # pragma: no cover - another httpx layout: the public way
+        for name, value in pairs:
+            headers[name] = value
+        return
+    names = {name.encode("latin-1") for name, _ in pairs}
+    if any(key in names for _, key, _ in entries):
+        entries[:] = [entry for entry in entries if entry[1] not in names]
+    for name, value in pairs:
+        raw = name.encode("latin-1")
+        entries.append((raw, raw, value.encode("latin-1")))
 
 
 def _failure_of(exc: httpx.TransportError) -> Failure:
@@ -158,7 +184,7 @@ def _grpc_status(call: Call, response: httpx.Response) -> int | None:
     """The gRPC status in the response headers, looked up only if a retry policy needs it."""
     if not call.wants_grpc_status:
         return None
-    value = response.headers.get("grpc-status")
+    value = _header(response.headers, b"grpc-status")
     return int(value) if value is not None and is_number(value) else None
 
 
@@ -198,9 +224,15 @@ class _Base:
         return saved
 
     def _observe(self, call: Call, request: httpx.Request) -> ClientCall:
-        protocol = "grpc" if _is_grpc(request) else "http"
+        headers = request.headers
+        content_type = _header(headers, b"content-type")
+        grpc = content_type is not None and content_type.startswith("application/grpc")
         return self._source.telemetry.client_call(
-            service=call.service, method=request.method, path=request.url.path, protocol=protocol
+            service=call.service,
+            method=request.method,
+            path=request.url.path,
+            protocol="grpc" if grpc else "http",
+            request_id=_header(headers, b"x-request-id"),
         )
 
     @staticmethod
@@ -217,7 +249,7 @@ class _Base:
     ) -> None:
         """The call is over: one metric sample, the spans end, one access-log line."""
         headers = response.headers if response is not None else None
-        grpc_status = headers.get("grpc-status", "") if headers is not None else ""
+        grpc_status = (_header(headers, b"grpc-status") or "") if headers is not None else ""
         observed.finish(
             status=status,
             flags=flags or "-",
@@ -481,7 +513,7 @@ class MeshTransport(httpx.BaseTransport):
     ) -> Any:
         transport = self._endpoint(attempt.cluster, attempt.host)
         saved = self._base._prepare(request, attempt)
-        observed.attempt(request.headers, attempt.host.key, attempt.cluster.name)
+        _set_headers(request.headers, observed.attempt(attempt.host.key, attempt.cluster.name))
         try:
             with suppressed_instrumentation():
                 response = transport.handle_request(request)
@@ -491,7 +523,7 @@ class MeshTransport(httpx.BaseTransport):
             return call.failed(attempt, failure)
         finally:
             self._base._restore(request, saved)
-        observed.attempt_done(response.status_code, response.headers.get("grpc-status", ""))
+        observed.attempt_done(response.status_code, _header(response.headers, b"grpc-status") or "")
         step = call.responded(
             attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
@@ -750,7 +782,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     ) -> Any:
         transport = self._endpoint(attempt.cluster, attempt.host)
         saved = self._base._prepare(request, attempt)
-        observed.attempt(request.headers, attempt.host.key, attempt.cluster.name)
+        _set_headers(request.headers, observed.attempt(attempt.host.key, attempt.cluster.name))
         try:
             with suppressed_instrumentation():
                 response = await transport.handle_async_request(request)
@@ -760,7 +792,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return call.failed(attempt, failure)
         finally:
             self._base._restore(request, saved)
-        observed.attempt_done(response.status_code, response.headers.get("grpc-status", ""))
+        observed.attempt_done(response.status_code, _header(response.headers, b"grpc-status") or "")
         step = call.responded(
             attempt, response.status_code, response.headers, _grpc_status(call, response)
         )
