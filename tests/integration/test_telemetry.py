@@ -220,3 +220,34 @@ def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
             found.append((labels, float(line.rsplit(" ", 1)[1])))
     return found
+
+
+def test_istio_metrics_through_the_opentelemetry_metrics_api(
+    mesh: tuple[libmesh.Mesh, Backends],
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    mesh_, _ = mesh
+    reader = InMemoryMetricReader()
+    mesh_.telemetry.use_opentelemetry_metrics(MeterProvider(metric_readers=[reader]))
+    with mesh_.client() as client:
+        for _ in range(4):
+            client.get(URL + "/")
+
+    data = reader.get_metrics_data()
+    assert data is not None
+    metrics = {
+        m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
+    (requests,) = metrics["istio_requests_total"].data.data_points
+    assert requests.value == 4
+    assert requests.attributes["destination_service"] == "reviews.shop.svc.cluster.local"
+    assert requests.attributes["reporter"] == "source"
+    (duration,) = metrics["istio_request_duration_milliseconds"].data.data_points
+    assert duration.count == 4
+    assert list(duration.explicit_bounds)[:3] == [0.5, 1, 5]
+    assert metrics["istio_response_bytes"].unit == "By"
+    # and the Prometheus endpoint still counts them
+    text = mesh_.telemetry.render_metrics()
+    assert [v for _, v in _samples(text, "istio_requests_total")] == [4.0]

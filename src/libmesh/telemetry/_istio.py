@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from ._peer import UNKNOWN, Peer
 from ._prometheus import MetricsRegistry
@@ -74,10 +75,19 @@ def _service_name_and_namespace(host: str) -> tuple[str, str]:
 class _Series:
     """One label set's counts, for all four metrics at once."""
 
-    __slots__ = ("count", "durations", "labels", "request_sizes", "response_sizes", "sums")
+    __slots__ = (
+        "attributes",
+        "count",
+        "durations",
+        "labels",
+        "request_sizes",
+        "response_sizes",
+        "sums",
+    )
 
     def __init__(self, labels: tuple[str, ...]) -> None:
         self.labels = labels
+        self.attributes = dict(zip(ISTIO_LABELS, labels, strict=True))
         self.count = 0
         self.durations = [0] * (len(DURATION_BUCKETS_MS) + 1)
         self.request_sizes = [0] * (len(SIZE_BUCKETS_BYTES) + 1)
@@ -115,7 +125,34 @@ class IstioMetrics:
         # Per (peers, service, outcome): a service sees few distinct ones.
         self._series: dict[tuple[object, ...], _Series] = {}
         self._lock = threading.Lock()
+        self._otel: tuple[Any, Any, Any, Any] | None = None
         registry.on_render(self._publish)
+
+    def export_to(self, meter: Any) -> None:
+        """Also record the four metrics through OpenTelemetry's metrics API with ``meter``
+        (an ``opentelemetry.metrics.Meter``), under Istio's names, attributes and buckets, for
+        applications that ship metrics with OpenTelemetry rather than scraping ``/metrics``."""
+        self._otel = (
+            meter.create_counter("istio_requests_total", unit="1", description="Total requests."),
+            meter.create_histogram(
+                "istio_request_duration_milliseconds",
+                unit="ms",
+                description="Request duration in milliseconds.",
+                explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS_MS),
+            ),
+            meter.create_histogram(
+                "istio_request_bytes",
+                unit="By",
+                description="Request size in bytes.",
+                explicit_bucket_boundaries_advisory=list(SIZE_BUCKETS_BYTES),
+            ),
+            meter.create_histogram(
+                "istio_response_bytes",
+                unit="By",
+                description="Response size in bytes.",
+                explicit_bucket_boundaries_advisory=list(SIZE_BUCKETS_BYTES),
+            ),
+        )
 
     def observe(
         self,
@@ -156,6 +193,13 @@ class IstioMetrics:
             sums[0] += duration_ms
             sums[1] += request_bytes
             sums[2] += response_bytes
+        otel = self._otel
+        if otel is not None:
+            attributes = series.attributes
+            otel[0].add(1, attributes)
+            otel[1].record(duration_ms, attributes)
+            otel[2].record(request_bytes, attributes)
+            otel[3].record(response_bytes, attributes)
 
     def record(self, r: RequestRecord) -> None:
         self.observe(

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -139,6 +140,17 @@ class Telemetry:
 
     def render_metrics(self) -> str:
         return self.registry.render()
+
+    def use_opentelemetry_metrics(self, meter_provider: Any = None) -> None:
+        """Also record Istio's request metrics through OpenTelemetry's metrics API (the
+        global meter provider, or ``meter_provider``): for an OTLP metrics pipeline instead of
+        a Prometheus scrape. ``/metrics`` keeps working either way."""
+        from opentelemetry import metrics
+
+        from .. import __version__
+
+        provider = meter_provider or metrics.get_meter_provider()
+        self.istio.export_to(provider.get_meter("libmesh", __version__))
 
     def _destination(self, service: str, labels: Mapping[str, str] | None) -> Peer:
         """The peer an endpoint is, from its labels (when it did not say who it is)."""
