@@ -72,13 +72,18 @@ class MeshMiddleware:
             client_address=client[0] if client else "",
         )
         if request.request_id_generated:  # as Envoy does: the app sees the id it logs
-            scope = dict(scope)
-            scope["headers"] = [
-                *scope["headers"],
-                (REQUEST_ID.encode(), request.request_id.encode()),
-            ]
-        scope.setdefault("state", {})["libmesh"] = request.inbound
-        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.response_headers()]
+            # (the scope is this request's own: servers make one per request)
+            added = (REQUEST_ID.encode(), request.request_id.encode())
+            scope["headers"] = [*scope["headers"], added]
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["libmesh"] = request.inbound
+        extra = (
+            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.response_headers()]
+            if request.exchanged
+            else None
+        )
         status = 0
         grpc_status = ""
         received = sent = 0

@@ -19,6 +19,7 @@ Spans, as OpenTelemetry's HTTP conventions lay them out for a client that resend
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -152,8 +153,19 @@ _UUID_SET = (0x4000 << 64) | (0x8000 << 48)
 
 def tracing_enabled() -> bool:
     """Whether the application installed a tracer provider (an SDK). Without one, spans
-    would all be no-ops: libmesh then only passes the caller's trace context along."""
+    would all be no-ops: libmesh then only passes the caller's trace context along.
+
+    Asked on every request: OpenTelemetry sets its provider once per process, so the answer
+    is read from the module global it sets when that is there, else through the public call."""
+    if _GLOBAL_PROVIDER_KNOWN:
+        return trace._TRACER_PROVIDER is not None
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+# (a provider named by OTEL_PYTHON_TRACER_PROVIDER is made on the first public call only)
+_GLOBAL_PROVIDER_KNOWN = hasattr(trace, "_TRACER_PROVIDER") and not os.environ.get(
+    "OTEL_PYTHON_TRACER_PROVIDER"
+)
 
 
 def _instrumented_server_span() -> trace.Span | None:
