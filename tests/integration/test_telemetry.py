@@ -251,3 +251,55 @@ def test_istio_metrics_through_the_opentelemetry_metrics_api(
     # and the Prometheus endpoint still counts them
     text = mesh_.telemetry.render_metrics()
     assert [v for _, v in _samples(text, "istio_requests_total")] == [4.0]
+
+
+def test_the_asgi_middleware_gives_the_app_its_request_id_and_joined_headers() -> None:
+    import asyncio
+
+    from libmesh.telemetry import Telemetry
+    from libmesh.xds import Node
+
+    telemetry = Telemetry(Node(namespace="shop", labels={"app": "reviews", "version": "v2"}))
+    seen: dict[str, object] = {}
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        inbound = libmesh.current_inbound()
+        assert inbound is not None
+        await receive()  # type: ignore[operator]
+        seen["request_id"] = inbound.request_id
+        seen["header"] = dict(scope["headers"])[b"x-request-id"]  # type: ignore[call-overload]
+        seen["accept"] = inbound.headers["accept"]
+        await send({"type": "http.response.start", "status": 201, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"made"})  # type: ignore[operator]
+
+    middleware = libmesh.middleware.MeshMiddleware(app, telemetry=telemetry)
+    scope = {
+        "type": "http", "method": "POST", "path": "/reviews", "headers": [
+            (b"host", b"reviews.shop.svc.cluster.local:8080"),
+            (b"accept", b"text/plain"), (b"accept", b"application/json"),
+        ], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"abc", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        pass
+
+    asyncio.run(middleware(scope, receive, send))
+
+    assert re.fullmatch(r"[0-9a-f-]{36}", str(seen["request_id"]))
+    assert seen["header"] == str(seen["request_id"]).encode()
+    assert seen["accept"] == "text/plain,application/json"
+    (sample,) = _samples(telemetry.render_metrics(), "istio_requests_total")
+    assert sample[0]["reporter"] == "destination"
+    assert sample[0]["response_code"] == "201"
+    assert sample[0]["destination_workload"] == "reviews-v2"
+    assert sample[0]["destination_service"] == "reviews.shop.svc.cluster.local"
+    assert sample[0]["connection_security_policy"] == "none"
+    sizes = {
+        lab["le"]: v
+        for lab, v in _samples(telemetry.render_metrics(), "istio_request_bytes_bucket")
+    }
+    assert sizes["1"] == 0.0
+    assert sizes["10"] == 1.0  # 3 bytes received

@@ -37,7 +37,10 @@ def _telemetry_of(mesh: Any, telemetry: Telemetry | None) -> Telemetry:
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """ASGI header names are lower-case already; repeated headers are joined, as Envoy does."""
-    headers: dict[str, str] = {}
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+    if len(headers) == len(raw):
+        return headers
+    headers = {}  # a header came more than once: join its values
     for name, value in raw:
         key = name.decode("latin-1")
         text = value.decode("latin-1")
