@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,8 +113,15 @@ def test_the_access_log_is_json_lines_with_envoys_fields(shop: Shop) -> None:
     assert shop.access_log is not None
     httpx.get(f"{shop.frontend}/checkout/lamp", headers={"x-request-id": "checkout-77"})
 
-    entries = [json.loads(line) for line in shop.access_log.read_text().splitlines()]
-    ours = [e for e in entries if e["request_id"] == "checkout-77"]
+    def ours_so_far() -> list[dict[str, object]]:
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        return [e for e in entries if e["request_id"] == "checkout-77"]
+
+    log = shop.access_log
+    deadline = time.monotonic() + 5
+    # each side writes its line once its response is out: the caller may read first
+    while len(ours := ours_so_far()) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
     # every hop of the checkout carries the caller's request id, on both sides of each call
     assert {(e["reporter"], e["authority"].split(":")[0].split(".")[0]) for e in ours} >= {
         ("destination", "127"),
