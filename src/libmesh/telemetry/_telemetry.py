@@ -458,23 +458,27 @@ class InboundRequest:
         self.exchanged = exchanged is not None
         source = decode_peer(exchanged) if exchanged else None
         self.inbound = Inbound(self.request_id, source or _UNKNOWN_PEER, headers=headers)
-        self._span = ServerSpan()
+        self._span: ServerSpan | None = None
         self._token: contextvars.Token[Inbound | None] | None = None
 
     def __enter__(self) -> InboundRequest:
-        headers = self._headers
-        parent = self._telemetry.propagation.extract(headers)
-        self._span.enter(
-            self._span_name,
-            parent,
-            {
-                "http.request.method": self._method,
-                "url.path": self._path,
-                "server.address": self._authority,
-                "client.address": self._client_address,
-                "request_id": self.request_id,
-            },
-        )
+        parent = self._telemetry.propagation.extract(self._headers)
+        if tracing_enabled():
+            span = self._span = ServerSpan()
+            span.enter(
+                self._span_name,
+                parent,
+                {
+                    "http.request.method": self._method,
+                    "url.path": self._path,
+                    "server.address": self._authority,
+                    "client.address": self._client_address,
+                    "request_id": self.request_id,
+                },
+            )
+        elif parent:  # no tracer: the caller's context still reaches outbound calls
+            span = self._span = ServerSpan()
+            span.enter(self._span_name, parent, {})
         self._token = _INBOUND.set(self.inbound)
         return self
 
@@ -482,7 +486,8 @@ class InboundRequest:
         if self._token is not None:
             _INBOUND.reset(self._token)
             self._token = None
-        self._span.exit(error)
+        if self._span is not None:
+            self._span.exit(error)
 
     def _served_service(self) -> str:
         """The service this request was for, as ``destination_service`` names it: the host the
@@ -529,7 +534,9 @@ class InboundRequest:
     ) -> None:
         telemetry = self._telemetry
         duration_ms = (telemetry.clock() - self._started) * 1000
-        span = self._span.span if self._span.owned else None  # a borrowed one may be over
+        server_span = self._span
+        # a borrowed span (a framework's) may be over already: only libmesh's own is touched
+        span = server_span.span if server_span is not None and server_span.owned else None
         if span is not None:
             if status:
                 span.set_attribute("http.response.status_code", status)
@@ -545,7 +552,8 @@ class InboundRequest:
         )  # fmt: skip
         log = telemetry.access_log
         if log is not None:
-            context = (self._span.span or trace.get_current_span()).get_span_context()
+            current = server_span.span if server_span is not None else None
+            context = (current or trace.get_current_span()).get_span_context()
             headers = self._headers
             log.write(
                 AccessLogEntry(
