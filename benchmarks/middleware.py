@@ -78,7 +78,14 @@ def wait_until_up(port: int) -> None:
     raise RuntimeError(f"the app on port {port} did not start")
 
 
-def wrk(port: int, seconds: float, connections: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, seconds: float, connections: int, pid: int) -> dict[str, float]:
+    cpu_before = cpu_seconds(pid)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
          f"http://127.0.0.1:{port}/"],
@@ -86,7 +93,10 @@ def wrk(port: int, seconds: float, connections: int) -> dict[str, float]:
     ).stdout  # fmt: skip
     latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.MULTILINE))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"p50_us": _us(latency["50"]), "p99_us": _us(latency["99"]), "rps": rps}
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu_us = (cpu_seconds(pid) - cpu_before) / total * 1e6
+    return {"p50_us": _us(latency["50"]), "p99_us": _us(latency["99"]), "rps": rps,
+            "cpu_us": cpu_us}  # fmt: skip
 
 
 def _us(text: str) -> float:
@@ -108,13 +118,14 @@ def over_the_network(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for port in ports.values():
                 wait_until_up(port)
-            for port in ports.values():
-                wrk(port, 1, args.connections)  # warm-up
+            pids = {kind: p.pid for kind, p in zip(ports, processes, strict=True)}
+            for kind, port in ports.items():
+                wrk(port, 1, args.connections, pids[kind])  # warm-up
             rounds: dict[str, list[dict[str, float]]] = {"bare": [], "mesh": []}
             for index in range(args.rounds):
                 order = list(ports.items()) if index % 2 == 0 else list(ports.items())[::-1]
                 for kind, port in order:
-                    rounds[kind].append(wrk(port, args.seconds, args.connections))
+                    rounds[kind].append(wrk(port, args.seconds, args.connections, pids[kind]))
         finally:
             for process in processes:
                 process.terminate()
@@ -124,6 +135,7 @@ def over_the_network(args: argparse.Namespace) -> dict[str, Any]:
         result[kind] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     result["p50_ratio"] = result["mesh"]["p50_us"] / result["bare"]["p50_us"]
     result["rps_ratio"] = result["mesh"]["rps"] / result["bare"]["rps"]
+    result["cpu_ratio"] = result["mesh"]["cpu_us"] / result["bare"]["cpu_us"]
     return result
 
 
@@ -313,9 +325,11 @@ def main() -> int:
         for kind in ("bare", "mesh"):
             r = network[kind]
             print(f"   {kind:5} p50 {r['p50_us']:7.0f} us  p99 {r['p99_us']:7.0f} us  "
-                  f"{r['rps']:8.0f} req/s", file=out)  # fmt: skip
+                  f"{r['rps']:8.0f} req/s  server CPU {r['cpu_us']:6.1f} us/request",
+                  file=out)  # fmt: skip
         print(f"   with MeshMiddleware: p50 x{network['p50_ratio']:.3f} (target <= 1.10), "
-              f"req/s x{network['rps_ratio']:.3f}", file=out)  # fmt: skip
+              f"req/s x{network['rps_ratio']:.3f}, server CPU per request "
+              f"x{network['cpu_ratio']:.3f}", file=out)  # fmt: skip
     print("2. In the process (no server), per request:", file=out)
     for name, r in result["in_process"].items():
         print(f"   {name:15} bare {r['bare_us']:6.1f} us  with libmesh {r['mesh_us']:6.1f} us  "

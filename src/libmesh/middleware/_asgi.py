@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..telemetry import Telemetry
+from ..telemetry import InboundRequest, Telemetry
 from ..telemetry._tracing import REQUEST_ID
 
 __all__ = ["ASGIApp", "MeshMiddleware", "metrics_asgi_app"]
+
+_REQUEST_ID = REQUEST_ID.encode()
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -66,17 +68,19 @@ class MeshMiddleware:
         authority = headers.get("host") or (f"{server[0]}:{server[1]}" if server else "")
         client = scope.get("client")
         grpc = headers.get("content-type", "").startswith("application/grpc")
-        request = self.telemetry.inbound_request(
-            method=scope["method"],
-            path=scope["path"],
-            authority=authority,
-            headers=headers,
-            protocol="grpc" if grpc else "http",
-            client_address=client[0] if client else "",
+        request = InboundRequest(
+            self.telemetry,
+            scope["method"],
+            scope["path"],
+            authority,
+            headers,
+            "grpc" if grpc else "http",
+            client[0] if client else "",
+            None,
         )
         if request.request_id_generated:  # as Envoy does: the app sees the id it logs
             # (the scope is this request's own: servers make one per request)
-            added = (REQUEST_ID.encode(), request.request_id.encode())
+            added = (_REQUEST_ID, request.request_id.encode())
             scope["headers"] = [*scope["headers"], added]
         state = scope.get("state")
         if state is None:

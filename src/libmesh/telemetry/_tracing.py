@@ -19,6 +19,7 @@ Spans, as OpenTelemetry's HTTP conventions lay them out for a client that resend
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import sys
@@ -138,17 +139,32 @@ class Propagation:
 
 
 def new_request_id() -> str:
-    """A random UUID (version 4), as Envoy generates for ``x-request-id``; built from
-    ``random.getrandbits``, several times cheaper than ``uuid.uuid4()``, since a request id
-    needs to be unique, not secret."""
-    bits = (_random.getrandbits(128) & _UUID_CLEAR) | _UUID_SET
-    text = f"{bits:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    """A request id shaped like the random UUID Envoy generates for ``x-request-id``: 80
+    random bits drawn once per process (reseeded after a fork) and a 48-bit counter — unique
+    across processes as a random UUID is, several times cheaper to make on every request."""
+    if _state.pid != os.getpid():
+        _state.reseed()
+    return f"{_state.prefix}{next(_state.counter) & 0xFFFFFFFFFFFF:012x}"
 
 
-_random = random.Random()
-_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID_SET = (0x4000 << 64) | (0x8000 << 48)
+class _RequestIds:
+    __slots__ = ("counter", "pid", "prefix")
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        bits = random.SystemRandom().getrandbits(80)
+        text = f"{bits:020x}"
+        # version 4 and the RFC 4122 variant, where a UUID carries them
+        self.prefix = (
+            f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{8 | (int(text[16], 16) & 3):x}{text[17:20]}-"
+        )
+        self.counter = itertools.count(random.SystemRandom().getrandbits(32))
+        self.pid = os.getpid()
+
+
+_state = _RequestIds()
 
 
 def tracing_enabled() -> bool:
