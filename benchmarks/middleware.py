@@ -7,7 +7,8 @@
 1. **Over the network** (issue 5's target: at most 10% at p50): the same FastAPI app with an
    empty endpoint, served by uvicorn (one worker, each in its own process), bare and with
    ``app.add_middleware(MeshMiddleware, mesh=...)``; wrk at fixed concurrency, in interleaved
-   rounds; p50 and p99 latency and requests/s, with the ratio to the bare app.
+   rounds, wrk pinned to one CPU and the apps to the other; p50 and p99 latency, requests/s and
+   the server's CPU time per request, with the ratio to the bare app.
 2. **In the process**: time per request for the ASGI app (FastAPI) and the WSGI app (Flask),
    bare and with libmesh's middleware, called directly (no server, no socket): the middleware's
    own CPU cost.
@@ -67,6 +68,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _pinned(cpu: int) -> list[str]:
+    """Run on one CPU: wrk on the first, the apps (one measured at a time) on the second, so
+    that the scheduler moving them around does not add its noise to a difference of a few
+    percent. Nothing is pinned where taskset or a second CPU is missing."""
+    if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        return []
+    return ["taskset", "-c", str(cpu)]
+
+
 def wait_until_up(port: int) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -87,7 +97,7 @@ def cpu_seconds(pid: int) -> float:
 def wrk(port: int, seconds: float, connections: int, pid: int) -> dict[str, float]:
     cpu_before = cpu_seconds(pid)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+        [*_pinned(0), "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
          f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
@@ -112,7 +122,7 @@ def over_the_network(args: argparse.Namespace) -> dict[str, Any]:
         script.write_text(APP)
         ports = {"bare": free_port(), "mesh": free_port()}
         processes = [
-            subprocess.Popen([sys.executable, str(script), str(port), kind])
+            subprocess.Popen([*_pinned(1), sys.executable, str(script), str(port), kind])
             for kind, port in ports.items()
         ]
         try:
