@@ -269,6 +269,7 @@ def measure(clients: int, services: int, rounds: int, simulators: int, log: Path
             meshd = subprocess.Popen(
                 [sys.executable, "-m", "meshd", "--config-dir", str(directory),
                  "--xds-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
+                 "--ca-dir", str(directory.with_name(directory.name + "-ca")),
                  "--log-level", "info"],
                 stderr=log_file, stdout=subprocess.DEVNULL, text=True,
             )  # fmt: skip
@@ -334,6 +335,7 @@ def measure(clients: int, services: int, rounds: int, simulators: int, log: Path
             except subprocess.TimeoutExpired:
                 process.kill()
         shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory.with_name(directory.name + "-ca"), ignore_errors=True)
 
 
 def _meshd_address(meshd: subprocess.Popen[str], log: Path) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ class MeshdProcess:
     def __init__(self, config_dir: Path, args: tuple[str, ...]) -> None:
         self.config_dir = config_dir
         self.args = args
+        # the CA's files live as long as this object (a restarted meshd finds its root again)
+        self.ca_dir = Path(tempfile.mkdtemp(prefix="meshd-ca-"))
+        weakref.finalize(self, shutil.rmtree, self.ca_dir, ignore_errors=True)
         self.lines: list[str] = []
         self.xds_port = 0
         self.admin_port = 0
@@ -56,6 +62,8 @@ class MeshdProcess:
             f"127.0.0.1:{xds_port}",
             "--admin-address",
             f"127.0.0.1:{admin_port}",
+            "--ca-dir",
+            str(self.ca_dir),
             *self.args,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -71,12 +72,34 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to wait for more changes before pushing (default: 100ms)",
     )
     parser.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=_default_ca_dir(),
+        metavar="DIR",
+        help="where the certificate authority keeps its root, its key (mode 0600) and the "
+        "token key; made on first start (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trust-domain",
+        default="cluster.local",
+        help="the SPIFFE trust domain of the identities the CA signs (default: cluster.local)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="default: info",
     )
     return parser
+
+
+def _default_ca_dir() -> Path:
+    """``$MESHD_CA_DIR``, else ``$XDG_DATA_HOME/meshd/ca`` (``~/.local/share/meshd/ca``)."""
+    explicit = os.environ.get("MESHD_CA_DIR")
+    if explicit:
+        return Path(explicit)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "meshd" / "ca"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         admin_address=args.admin_address,
         registration_grace=args.registration_grace,
         debounce=args.debounce,
+        ca_dir=args.ca_dir,
+        trust_domain=args.trust_domain,
     )
     try:
         return asyncio.run(_run(settings))
@@ -117,7 +142,8 @@ async def _run(settings: Settings) -> int:
     logger.info(
         "meshd %s is serving %d resources from %s\n"
         "  xDS (ADS over gRPC)  %s:%d\n"
-        "  admin (HTTP)         http://%s:%d/  (metrics, ready, debug/syncz, debug/configz)",
+        "  admin (HTTP)         http://%s:%d/  (metrics, ready, debug/syncz, debug/configz)\n"
+        "  CA                   %s (trust domain %s; CreateCertificate on the xDS address)",
         __version__,
         len(result.config),
         settings.config_dir,
@@ -125,6 +151,8 @@ async def _run(settings: Settings) -> int:
         meshd.xds_port,
         admin_host,
         meshd.admin_port,
+        settings.ca_dir,
+        settings.trust_domain,
     )
     await stop.wait()
     logger.info("meshd: stopping")

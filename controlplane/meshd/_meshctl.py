@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from libmesh import ConfigError, __version__
@@ -100,7 +101,72 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
     status.set_defaults(run=_proxy_status)
+
+    token = commands.add_parser(
+        "token",
+        help="bootstrap tokens: what a workload presents to get its first SVID",
+        description="Bootstrap tokens, signed with the token key in meshd's CA directory.",
+    )
+    token_commands = token.add_subparsers(dest="token_command", metavar="COMMAND")
+    create = token_commands.add_parser(
+        "create",
+        help="print a token that gets one identity's SVID from meshd",
+        description=(
+            "Print a token that proves spiffe://<trust-domain>/ns/<namespace>/sa/"
+            "<service-account> to meshd's certificate API until it expires. Reads the token "
+            "key from meshd's CA directory: run it where meshd runs, as its user."
+        ),
+    )
+    create.add_argument("--namespace", "-n", required=True)
+    create.add_argument("--service-account", "-s", required=True)
+    create.add_argument(
+        "--ttl", default="1h", help="how long the token is valid, e.g. 10m, 1h (default: 1h)"
+    )
+    create.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="meshd's --ca-dir (default: meshd's default)",
+    )
+    create.add_argument("--trust-domain", default="cluster.local")
+    create.set_defaults(run=_token_create)
+    token.set_defaults(run=lambda args, out, err: _usage(token, err))
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser, err: TextIO) -> int:
+    parser.print_help(err)
+    return EXIT_USAGE
+
+
+def _token_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from libmesh._duration import parse_duration
+    from libmesh.identity import SpiffeId, SpiffeIdError
+
+    from ._main import _default_ca_dir
+    from ._tokens import TokenError, TokenIssuer
+
+    ca_dir = args.ca_dir or _default_ca_dir()
+    try:
+        ttl = parse_duration(args.ttl).seconds
+        identity = SpiffeId.for_workload(args.trust_domain, args.namespace, args.service_account)
+    except (ValueError, SpiffeIdError) as exc:
+        err.write(f"meshctl: {exc}\n")
+        return EXIT_USAGE
+    if not (ca_dir / "token-key").exists():
+        err.write(
+            f"meshctl: no token key in {ca_dir}: start meshd with --ca-dir {ca_dir} first, "
+            "or give meshd's --ca-dir\n"
+        )
+        return EXIT_FINDINGS
+    try:
+        issuer = TokenIssuer.load_or_create(ca_dir)
+    except (TokenError, OSError) as exc:
+        err.write(f"meshctl: {exc}\n")
+        return EXIT_FINDINGS
+    out.write(issuer.create(identity, ttl) + "\n")
+    return EXIT_OK
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:

@@ -26,9 +26,12 @@ from libmesh.config import Finding, Loader, LoadResult, Registry, analyze
 
 from ._admin import AdminServer, Page
 from ._ads import Connection, XdsServer
+from ._ca import CAError, CertificateAuthority
 from ._cache import SnapshotCache
+from ._certificates import CertificateService
 from ._metrics import SHORT_TYPES, Metrics
 from ._registrations import Registrations
+from ._tokens import TokenError, TokenIssuer
 
 __all__ = ["Meshd", "Settings", "StartupError"]
 
@@ -50,6 +53,9 @@ class Settings:
     debounce_max: float = 1.0  # ... but no longer than this after the first change
     registration_grace: float = 10.0  # a disconnected workload stays an endpoint this long
     root_namespace: str = "istio-system"
+    # the certificate authority's directory (root, its key, the token key); None: no CA
+    ca_dir: Path | None = None
+    trust_domain: str = "cluster.local"
 
 
 @dataclass
@@ -63,6 +69,17 @@ class _Pending:
     first: float | None = None  # monotonic time of the first change not pushed yet
     last: float = 0.0
     reasons: set[str] = field(default_factory=set)
+
+
+def _certificate_service(settings: Settings) -> CertificateService:
+    """The CA and its token issuer, from ``settings.ca_dir`` (made there on first start)."""
+    assert settings.ca_dir is not None
+    try:
+        ca = CertificateAuthority.load_or_create(settings.ca_dir, settings.trust_domain)
+        tokens = TokenIssuer.load_or_create(settings.ca_dir)
+    except (CAError, TokenError, OSError) as exc:
+        raise StartupError(f"--ca-dir {settings.ca_dir}: {exc}") from exc
+    return CertificateService(ca, tokens)
 
 
 def split_address(address: str, flag: str) -> tuple[str, int]:
@@ -90,6 +107,7 @@ class Meshd:
             on_disconnect=self._on_disconnect,
             on_health=self._on_health,
         )
+        self.certificates: CertificateService | None = None
         self.admin = AdminServer(
             {
                 "/": self._index,
@@ -145,6 +163,9 @@ class Meshd:
             ]
         )
         self._grpc.add_generic_rpc_handlers((self.xds.handler(),))
+        if self.settings.ca_dir is not None:
+            self.certificates = _certificate_service(self.settings)
+            self._grpc.add_generic_rpc_handlers((self.certificates.handler(),))
         try:
             self.xds_port = self._grpc.add_insecure_port(f"{xds_host}:{xds_port}")
         except RuntimeError as exc:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,6 +49,7 @@ class Shop:
         self.meshd_log: list[str] = []
         self.propagators = propagators
         self.access_log = access_log
+        self.scratch = Path(tempfile.mkdtemp(prefix="shop-"))
 
     @property
     def frontend(self) -> str:
@@ -71,6 +74,7 @@ class Shop:
     def _start(self) -> None:
         meshd = subprocess.Popen(
             [sys.executable, "-m", "meshd", "--config-dir", str(HERE / "mesh"),
+             "--ca-dir", str(self.scratch / "ca"),
              "--xds-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
              "--registration-grace", "1s"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -134,6 +138,7 @@ class Shop:
             if process.stderr is not None:
                 process.stderr.close()
         self.collector.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def main() -> None:
