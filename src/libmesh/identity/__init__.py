@@ -10,12 +10,15 @@ from ._svid import (
     new_private_key,
     verify_svid,
 )
+from ._workload import IdentityError, WorkloadIdentity
 
 __all__ = [
+    "IdentityError",
     "SpiffeId",
     "SpiffeIdError",
     "Svid",
     "SvidError",
+    "WorkloadIdentity",
     "certificate_spiffe_id",
     "make_csr",
     "new_private_key",
