@@ -34,6 +34,7 @@ import httpx
 from ._exceptions import ConfigError, ConfigTimeout
 from ._frozen import FrozenMap
 from .config import Loader, LoadResult, Registry
+from .identity import IdentityError, WorkloadIdentity
 from .policy import ClusterStats, Engine
 from .telemetry import Telemetry
 from .transport import (
@@ -109,6 +110,7 @@ class Mesh:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self.last_result: LoadResult | None = None
+        self.identity: WorkloadIdentity | None = None  # the SVID, with Mesh.connect(token=)
         self.telemetry = Telemetry(
             node,
             clusters=lambda: self._engine.clusters,
@@ -169,6 +171,8 @@ class Mesh:
         workload_address: str = "",
         wait: float | None = 10.0,
         state_file: str | os.PathLike[str] | None = DEFAULT,
+        token: str | None = None,
+        trust_domain: str | None = None,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
     ) -> Mesh:
@@ -181,6 +185,10 @@ class Mesh:
         (default: a file per workload under ``LIBMESH_STATE_DIR`` or ``~/.cache/libmesh``;
         ``None`` saves nothing); when the control plane cannot be reached, the saved one is
         served at once, until the control plane is back.
+
+        With a bootstrap ``token`` (default: ``LIBMESH_TOKEN``; ``meshctl token create``), the
+        process also gets its SVID — ``spiffe://<trust_domain>/ns/<namespace>/sa/
+        <service_account>`` — from meshd's CA and keeps it current (``mesh.identity``).
 
         With ``ports`` (``{"http": 8080}``, by service port name), this process registers
         itself: while it is connected, it is an endpoint of the services whose selector matches
@@ -218,6 +226,20 @@ class Mesh:
             version=__version__,
         )
         mesh._xds = client
+        token = token or os.environ.get("LIBMESH_TOKEN")
+        if token:
+            from .identity import SpiffeId, WorkloadIdentity
+
+            mesh.identity = WorkloadIdentity(
+                address,
+                SpiffeId.for_workload(
+                    trust_domain or os.environ.get("LIBMESH_TRUST_DOMAIN", "cluster.local"),
+                    node.namespace,
+                    node.service_account,
+                ),
+                token=token,
+            ).start()
+            mesh.telemetry.watch_identity(mesh.identity)
         client.start()
         if (wait is None or wait > 0) and not client.wait(wait):
             client.close()
@@ -227,6 +249,12 @@ class Mesh:
                 f"({client.status.last_error or 'no answer'}), and {saved}; is meshd "
                 "running there (LIBMESH_XDS_ADDRESS)?"
             )
+        if mesh.identity is not None and (wait is None or wait > 0):
+            try:
+                mesh.identity.wait(wait)
+            except IdentityError as exc:
+                mesh.close()
+                raise ConfigTimeout(str(exc)) from exc
         return mesh
 
     @classmethod
@@ -299,6 +327,8 @@ class Mesh:
         self._stop.set()
         if self._xds is not None:
             self._xds.close()
+        if self.identity is not None:
+            self.identity.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
             self._watcher = None

@@ -97,3 +97,31 @@ def test_with_meshd_down_the_valid_svid_stays_and_renews_once_meshd_is_back(
         assert identity.last_error == ""
     finally:
         identity.close()
+
+
+def test_mesh_connect_with_a_token_gets_the_workloads_svid(
+    meshd: MeshdProcess, tmp_path: Path
+) -> None:
+    import libmesh
+
+    mesh = libmesh.Mesh.connect(
+        meshd.xds_address,
+        namespace="shop",
+        service_account="reviews",
+        token=token_for(meshd),
+        state_file=tmp_path / "state",
+    )
+    try:
+        assert mesh.identity is not None
+        svid = mesh.identity.current()
+        assert svid is not None
+        assert svid.spiffe_id == REVIEWS
+        metrics = mesh.telemetry.render_metrics()
+        line = next(
+            line for line in metrics.splitlines()
+            if line.startswith("libmesh_svid_expiry_timestamp_seconds{")
+        )  # fmt: skip
+        assert f'spiffe_id="{REVIEWS}"' in line
+        assert float(line.rsplit(" ", 1)[1]) == svid.expires.timestamp()
+    finally:
+        mesh.close()

@@ -141,6 +141,26 @@ class Telemetry:
     def render_metrics(self) -> str:
         return self.registry.render()
 
+    def watch_identity(self, identity: Any) -> None:
+        """Export the workload SVID's expiry (``libmesh_svid_expiry_timestamp_seconds``) and
+        its renewals, read from ``identity`` (a WorkloadIdentity) at each scrape."""
+        expiry = self.registry.gauge(
+            "libmesh_svid_expiry_timestamp_seconds",
+            "When the workload's current SVID expires (Unix time; 0 without one).",
+            ["spiffe_id"],
+        )
+        renewals = self.registry.counter(
+            "libmesh_svid_renewals_total", "SVIDs received from the CA.", ["spiffe_id"]
+        )
+
+        def collect() -> None:
+            svid = identity.current()
+            name = str(identity.identity)
+            expiry.set(svid.expires.timestamp() if svid is not None else 0, spiffe_id=name)
+            renewals.mirror(identity.rotations, spiffe_id=name)
+
+        self.registry.on_render(collect)
+
     def use_opentelemetry_metrics(self, meter_provider: Any = None) -> None:
         """Also record Istio's request metrics through OpenTelemetry's metrics API (the
         global meter provider, or ``meter_provider``): for an OTLP metrics pipeline instead of
