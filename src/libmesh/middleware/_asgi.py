@@ -91,47 +91,71 @@ class MeshMiddleware:
             if request.exchanged
             else None
         )
-        status = 0
-        grpc_status = ""
-        received = sent = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-            return message
-
-        async def observing_send(message: Message) -> None:
-            nonlocal status, grpc_status, sent
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-                if extra:
-                    message["headers"] = [*message.get("headers", ()), *extra]
-                if grpc:
-                    grpc_status = _grpc_status(message.get("headers", ()), grpc_status)
-            elif kind == "http.response.body":
-                sent += len(message.get("body", b""))
-            elif kind == "http.response.trailers" and grpc:
-                grpc_status = _grpc_status(message.get("headers", ()), grpc_status)
-            await send(message)
-
+        exchange = _Exchange(receive, send, extra, grpc)
         with request:
             try:
-                await self.app(scope, counting_receive, observing_send)
+                await self.app(scope, exchange.receive, exchange.send)
             except BaseException:
-                if not status:
-                    status = 500  # what the server will answer
+                if not exchange.status:
+                    exchange.status = 500  # what the server will answer
                 raise
             finally:
+                status = exchange.status
                 request.finish(
                     status=status,
-                    grpc_status=grpc_status,
-                    request_bytes=received,
-                    response_bytes=sent,
+                    grpc_status=exchange.grpc_status,
+                    request_bytes=exchange.received,
+                    response_bytes=exchange.sent,
                     flags="-" if status else "DC",  # no response: the caller went away
                 )
+
+
+class _Exchange:
+    """One request's receive and send, counted on the way (one object rather than two
+    closures and their cells: fewer objects per request for the garbage collector)."""
+
+    __slots__ = (
+        "_extra",
+        "_grpc",
+        "_receive",
+        "_send",
+        "grpc_status",
+        "received",
+        "sent",
+        "status",
+    )
+
+    def __init__(
+        self, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]] | None, grpc: bool
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._extra = extra
+        self._grpc = grpc
+        self.status = 0
+        self.grpc_status = ""
+        self.received = 0
+        self.sent = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            if self._extra:
+                message["headers"] = [*message.get("headers", ()), *self._extra]
+            if self._grpc:
+                self.grpc_status = _grpc_status(message.get("headers", ()), self.grpc_status)
+        elif kind == "http.response.trailers" and self._grpc:
+            self.grpc_status = _grpc_status(message.get("headers", ()), self.grpc_status)
+        await self._send(message)
 
 
 def _grpc_status(headers: Any, default: str) -> str:
