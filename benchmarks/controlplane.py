@@ -270,6 +270,7 @@ def measure(clients: int, services: int, rounds: int, simulators: int, log: Path
                 [sys.executable, "-m", "meshd", "--config-dir", str(directory),
                  "--xds-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
                  "--ca-dir", str(directory.with_name(directory.name + "-ca")),
+                 "--secure-xds-address", "127.0.0.1:0",
                  "--log-level", "info"],
                 stderr=log_file, stdout=subprocess.DEVNULL, text=True,
             )  # fmt: skip

@@ -96,7 +96,7 @@ class Meshd:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meshd", "--config-dir", str(mesh_dir),
-             "--ca-dir", str(mesh_dir.parent / "ca"),
+             "--ca-dir", str(mesh_dir.parent / "ca"), "--secure-xds-address", "127.0.0.1:0",
              "--xds-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

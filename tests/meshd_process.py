@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 _ADDRESS = re.compile(r"xDS \(ADS over gRPC\)\s+(\S+):(\d+)")
+_SECURE = re.compile(r"xDS \+ CA over TLS\s+(\S+)")
 _ADMIN = re.compile(r"admin \(HTTP\)\s+http://(\S+):(\d+)/")
 
 
@@ -32,6 +33,7 @@ class MeshdProcess:
         self.lines: list[str] = []
         self.xds_port = 0
         self.admin_port = 0
+        self.secure_xds_port = 0
         self.process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
@@ -64,6 +66,8 @@ class MeshdProcess:
             f"127.0.0.1:{admin_port}",
             "--ca-dir",
             str(self.ca_dir),
+            "--secure-xds-address",
+            f"127.0.0.1:{self.secure_xds_port}",
             *self.args,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -81,6 +85,9 @@ class MeshdProcess:
                     self.xds_port = int(match.group(2))
                 if match := _ADMIN.search(line):
                     self.admin_port = int(match.group(2))
+                if match := _SECURE.search(line):  # the banner's last line
+                    if match.group(1) != "off":
+                        self.secure_xds_port = int(match.group(1).rpartition(":")[2])
                     ready.set()
             ready.set()
 

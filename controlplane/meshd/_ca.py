@@ -15,6 +15,7 @@ anything but the identity it is signed for.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import secrets
 from collections.abc import Callable
@@ -122,6 +123,11 @@ class CertificateAuthority:
         """The trust bundle: the root the chain ends at."""
         return [self._signer.chain[-1]]
 
+    @property
+    def intermediates(self) -> list[x509.Certificate]:
+        """The certificates between a leaf and the root (none when the root signs)."""
+        return list(self._signer.chain[:-1])
+
     def bundle_pem(self) -> str:
         return "".join(
             c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in self.roots
@@ -200,6 +206,37 @@ class CertificateAuthority:
             c.public_bytes(serialization.Encoding.PEM).decode("ascii")
             for c in (leaf, *signer.chain)
         ]
+
+    def serving_certificate(self, hosts: list[str], identity: SpiffeId) -> tuple[bytes, bytes]:
+        """meshd's own TLS certificate for its secure address: a key made here, and a chain
+        naming ``hosts`` (DNS names or IP addresses, what a gRPC client checks) and meshd's
+        SPIFFE ID. Returns (key PEM, chain PEM)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(identity))]
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        now = self._clock()
+        signer = self._signer
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshd")]))
+            .issuer_name(signer.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + self.max_ttl, signer.certificate.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(signer.key, hashes.SHA256())
+        )
+        chain = b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (certificate, *signer.chain)
+        )
+        return _key_pem(key), chain
 
 
 def _new_root(

@@ -14,7 +14,10 @@ import logging
 from typing import Any, NoReturn
 
 import grpc
+from cryptography import x509
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
+
+from libmesh.identity import SvidError, verify_svid
 
 from ._ca import CAError, CertificateAuthority
 from ._tokens import TokenError, TokenIssuer
@@ -82,18 +85,31 @@ class CertificateService:
     async def _create(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         peer = context.peer()
         token = _bearer(context.invocation_metadata() or ())
-        if token is None:
+        presented = _peer_certificate(context)
+        if token is not None:
+            try:
+                identity = self.tokens.verify(token)
+            except TokenError as exc:
+                await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc), peer)
+            how = "token"
+        elif presented is not None:  # renewal over mTLS with the SVID still held
+            try:
+                identity = verify_svid(
+                    [presented, *self.ca.intermediates],
+                    self.ca.roots,
+                    trust_domain=self.ca.trust_domain,
+                )
+            except SvidError as exc:
+                await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc), peer)
+            how = "mTLS"
+        else:
             await self._refuse(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "no credential: send a bootstrap token as 'authorization: Bearer <token>' "
-                "(meshctl token create)",
+                "(meshctl token create), or present your current SVID over TLS",
                 peer,
             )
-        try:
-            identity = self.tokens.verify(token)
-        except TokenError as exc:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc), peer)
         ttl = (
             datetime.timedelta(seconds=request.validity_duration)
             if request.validity_duration > 0
@@ -109,7 +125,7 @@ class CertificateService:
                 peer,
             )
         self.signed += 1
-        logger.info("meshd: signed an SVID for %s (%s)", identity, peer)
+        logger.info("meshd: signed an SVID for %s (%s, %s)", identity, peer, how)
         return IstioCertificateResponse(cert_chain=chain)
 
     async def _refuse(
@@ -123,6 +139,17 @@ class CertificateService:
         logger.warning("meshd: refused a certificate request from %s: %s", peer, message)
         await context.abort(code, message)
         raise AssertionError("abort raises")  # pragma: no cover
+
+
+def _peer_certificate(context: Any) -> x509.Certificate | None:
+    """The client certificate of a TLS connection (grpc verified it against the bundle)."""
+    try:
+        pems = context.auth_context().get("x509_pem_cert") or []
+    except (AttributeError, ValueError):
+        return None
+    if not pems:
+        return None
+    return x509.load_pem_x509_certificate(pems[0])
 
 
 def _bearer(metadata: Any) -> str | None:

@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         "token key; made on first start (default: %(default)s)",
     )
     parser.add_argument(
+        "--secure-xds-address",
+        default="127.0.0.1:15012",
+        metavar="HOST:PORT",
+        help="where to serve xDS and the CA over TLS with meshd's own certificate; a client "
+        "presenting its SVID renews it there without a token (default: 127.0.0.1:15012; "
+        "'' turns it off)",
+    )
+    parser.add_argument(
         "--trust-domain",
         default="cluster.local",
         help="the SPIFFE trust domain of the identities the CA signs (default: cluster.local)",
@@ -118,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         debounce=args.debounce,
         ca_dir=args.ca_dir,
         trust_domain=args.trust_domain,
+        secure_xds_address=args.secure_xds_address or None,
     )
     try:
         return asyncio.run(_run(settings))
@@ -143,7 +152,8 @@ async def _run(settings: Settings) -> int:
         "meshd %s is serving %d resources from %s\n"
         "  xDS (ADS over gRPC)  %s:%d\n"
         "  admin (HTTP)         http://%s:%d/  (metrics, ready, debug/syncz, debug/configz)\n"
-        "  CA                   %s (trust domain %s; CreateCertificate on the xDS address)",
+        "  CA                   %s (trust domain %s; CreateCertificate on the xDS address)\n"
+        "  xDS + CA over TLS    %s",
         __version__,
         len(result.config),
         settings.config_dir,
@@ -153,6 +163,9 @@ async def _run(settings: Settings) -> int:
         meshd.admin_port,
         settings.ca_dir,
         settings.trust_domain,
+        f"{settings.secure_xds_address.rpartition(':')[0]}:{meshd.secure_xds_port}"
+        if settings.secure_xds_address
+        else "off",
     )
     await stop.wait()
     logger.info("meshd: stopping")

@@ -23,6 +23,7 @@ import grpc
 
 from libmesh import __version__
 from libmesh.config import Finding, Loader, LoadResult, Registry, analyze
+from libmesh.identity import SpiffeId
 
 from ._admin import AdminServer, Page
 from ._ads import Connection, XdsServer
@@ -56,6 +57,8 @@ class Settings:
     # the certificate authority's directory (root, its key, the token key); None: no CA
     ca_dir: Path | None = None
     trust_domain: str = "cluster.local"
+    # xDS and the CA over TLS with meshd's own certificate (Istio's 15012); None: not served
+    secure_xds_address: str | None = None
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Meshd:
             on_disconnect=self._on_disconnect,
             on_health=self._on_health,
         )
+        self.secure_xds_port = 0
         self.certificates: CertificateService | None = None
         self.admin = AdminServer(
             {
@@ -172,6 +176,9 @@ class Meshd:
             raise StartupError(
                 f"cannot listen for xDS on {self.settings.xds_address}: {exc}"
             ) from exc
+        secure = self.settings.secure_xds_address
+        if secure and self.certificates is not None:
+            self.secure_xds_port = self._add_secure_port(secure, self.certificates)
         await self._grpc.start()
         try:
             self.admin_port = await self.admin.start(admin_host, admin_port)
@@ -186,6 +193,26 @@ class Meshd:
             asyncio.create_task(self._pusher(), name="meshd-push"),
             asyncio.create_task(self._expire_registrations(), name="meshd-registrations"),
         ]
+
+    def _add_secure_port(self, address: str, certificates: CertificateService) -> int:
+        """Serve xDS and the CA over TLS with meshd's own certificate, to clients that present
+        an SVID of this trust domain (mutual TLS): they renew it there without a token. (grpcio
+        either requires and verifies a client certificate or never asks for one; a first SVID
+        comes with a token on the plaintext address.)"""
+        host, port = split_address(address, "--secure-xds-address")
+        ca = certificates.ca
+        meshd_id = SpiffeId.for_workload(ca.trust_domain, self.settings.root_namespace, "meshd")
+        key, chain = ca.serving_certificate(sorted({host, "localhost", "meshd"}), meshd_id)
+        credentials = grpc.ssl_server_credentials(
+            [(key, chain)],
+            root_certificates=ca.bundle_pem().encode("ascii"),
+            require_client_auth=True,
+        )
+        assert self._grpc is not None
+        try:
+            return self._grpc.add_secure_port(f"{host}:{port}", credentials)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen for xDS over TLS on {address}: {exc}") from exc
 
     async def stop(self) -> None:
         if self._analysis is not None:

@@ -74,7 +74,7 @@ class Shop:
     def _start(self) -> None:
         meshd = subprocess.Popen(
             [sys.executable, "-m", "meshd", "--config-dir", str(HERE / "mesh"),
-             "--ca-dir", str(self.scratch / "ca"),
+             "--ca-dir", str(self.scratch / "ca"), "--secure-xds-address", "127.0.0.1:0",
              "--xds-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
              "--registration-grace", "1s"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

@@ -125,3 +125,35 @@ def test_mesh_connect_with_a_token_gets_the_workloads_svid(
         assert float(line.rsplit(" ", 1)[1]) == svid.expires.timestamp()
     finally:
         mesh.close()
+
+
+def test_renewal_presents_the_held_svid_over_mtls_once_the_token_has_expired(
+    meshd: MeshdProcess,
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "meshd._meshctl", "token", "create", "-n", "shop",
+         "-s", "reviews", "--ca-dir", str(meshd.ca_dir), "--ttl", "2s"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    identity = WorkloadIdentity(
+        meshd.xds_address,
+        REVIEWS,
+        token=run.stdout.strip(),
+        secure_address=f"127.0.0.1:{meshd.secure_xds_port}",
+        ttl=datetime.timedelta(seconds=4),
+    ).start()
+    try:
+        first = identity.wait()
+        time.sleep(2.5)  # the token has expired now
+        wait_until(
+            lambda: (
+                (c := identity.current()) is not None
+                and c.leaf.serial_number != first.leaf.serial_number
+            ),
+            10,
+            "a renewal over mTLS",
+        )
+        meshd.wait_for_log(f"signed an SVID for {REVIEWS}")
+        assert "mTLS" in meshd.wait_for_log("mTLS)")
+    finally:
+        identity.close()

@@ -72,8 +72,10 @@ def _utcnow() -> datetime.datetime:
 class WorkloadIdentity:
     """Keeps ``identity``'s SVID from the CA at ``address`` current, in a background thread.
 
-    ``token`` is a bootstrap token (``meshctl token create``); ``ttl`` the lifetime to ask for
-    (the CA may give less)."""
+    ``token`` is a bootstrap token (``meshctl token create``), used for the first SVID; with
+    ``secure_address`` (meshd's TLS address) later renewals present the SVID still held over
+    mTLS instead, so the token may expire. ``ttl`` is the lifetime to ask for (the CA may give
+    less)."""
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class WorkloadIdentity:
         identity: SpiffeId,
         *,
         token: str,
+        secure_address: str | None = None,
         ttl: datetime.timedelta = datetime.timedelta(hours=24),
         backoff: tuple[float, float] = (0.5, 30.0),
         clock: Callable[[], datetime.datetime] = _utcnow,
@@ -89,6 +92,7 @@ class WorkloadIdentity:
         self.address = address
         self.identity = identity
         self._token = token
+        self.secure_address = secure_address
         self._ttl = ttl
         self._backoff = backoff
         self._clock = clock
@@ -191,15 +195,18 @@ class WorkloadIdentity:
         request = CertificateRequest(
             csr=csr.decode("ascii"), validity_duration=int(self._ttl.total_seconds())
         )
-        with grpc.insecure_channel(self.address) as channel:
-            create = channel.unary_unary(
-                CREATE_CERTIFICATE,
-                request_serializer=CertificateRequest.SerializeToString,
-                response_deserializer=CertificateResponse.FromString,
-            )
-            response = create(
-                request, metadata=(("authorization", f"Bearer {self._token}"),), timeout=10
-            )
+        held = self.current()
+        if held is not None and self.secure_address:
+            try:
+                response = self._create_over_mtls(request, held)
+            except grpc.RpcError as exc:
+                logger.info(
+                    "libmesh: renewing over mTLS at %s failed (%s); using the token",
+                    self.secure_address, _describe(exc),
+                )  # fmt: skip
+                response = self._create_with_token(request)
+        else:
+            response = self._create_with_token(request)
         chain = [x509.load_pem_x509_certificate(p.encode("ascii")) for p in response.cert_chain]
         if not chain:
             raise SvidError("the CA answered with no certificate")
@@ -220,6 +227,24 @@ class WorkloadIdentity:
             except Exception:  # one consumer's failure must not stop rotation
                 logger.exception("libmesh: an SVID rotation callback failed")
 
+    def _create_with_token(self, request: Any) -> Any:
+        with grpc.insecure_channel(self.address) as channel:
+            return _create(channel)(
+                request, metadata=(("authorization", f"Bearer {self._token}"),), timeout=10
+            )
+
+    def _create_over_mtls(self, request: Any, held: Svid) -> Any:
+        assert self.secure_address is not None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=b"".join(
+                c.public_bytes(serialization.Encoding.PEM) for c in self._bundle
+            ),
+            private_key=held.key_pem(),
+            certificate_chain=held.chain_pem(),
+        )
+        with grpc.secure_channel(self.secure_address, credentials) as channel:
+            return _create(channel)(request, timeout=10)
+
     def _until_renewal(self) -> float:
         """Seconds until about half the SVID's lifetime from when it arrived (jittered by
         ±10%; CAs backdate the start of validity for clock skew, so that is not used)."""
@@ -238,6 +263,14 @@ class WorkloadIdentity:
             left = (svid.expires - self._clock()).total_seconds()
             delay = min(delay, max(low, left / 4))
         return float(delay * (0.5 + self._rng.random() / 2))
+
+
+def _create(channel: grpc.Channel) -> Any:
+    return channel.unary_unary(
+        CREATE_CERTIFICATE,
+        request_serializer=CertificateRequest.SerializeToString,
+        response_deserializer=CertificateResponse.FromString,
+    )
 
 
 def _describe(exc: BaseException) -> str:
