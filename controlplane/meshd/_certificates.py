@@ -15,9 +15,9 @@ from typing import Any, NoReturn
 
 import grpc
 from cryptography import x509
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
 from libmesh.identity import SvidError, verify_svid
+from libmesh.identity._workload import CertificateRequest, CertificateResponse
 
 from ._ca import CAError, CertificateAuthority
 from ._tokens import TokenError, TokenIssuer
@@ -28,37 +28,8 @@ logger = logging.getLogger("meshd")
 SERVICE = "istio.v1.auth.IstioCertificateService"
 
 
-def _messages() -> tuple[Any, Any]:
-    """Istio's two messages (istio/api security/v1alpha1/ca.proto), built from their
-    descriptor: xds-protos does not ship Istio's API."""
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
-    file = descriptor_pb2.FileDescriptorProto(
-        name="security/v1alpha1/ca.proto",
-        package="istio.v1.auth",
-        syntax="proto3",
-        dependency=["google/protobuf/struct.proto"],
-    )
-    request = file.message_type.add(name="IstioCertificateRequest")
-    request.field.add(name="csr", number=1, type=9, label=1)  # string
-    request.field.add(name="validity_duration", number=3, type=3, label=1)  # int64
-    request.field.add(
-        name="metadata", number=4, type=11, label=1, type_name=".google.protobuf.Struct"
-    )
-    response = file.message_type.add(name="IstioCertificateResponse")
-    response.field.add(name="cert_chain", number=1, type=9, label=3)  # repeated string
-    pool.Add(file)
-    return (
-        message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateRequest")
-        ),
-        message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateResponse")
-        ),
-    )
-
-
-IstioCertificateRequest, IstioCertificateResponse = _messages()
+# Istio's messages (istio/api security/v1alpha1/ca.proto): libmesh's client defines them.
+IstioCertificateRequest, IstioCertificateResponse = CertificateRequest, CertificateResponse
 
 
 class CertificateService:
