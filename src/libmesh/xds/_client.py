@@ -104,7 +104,7 @@ class XdsClient:
         self._call: Any = None
         self._healthy: tuple[bool, str] | None = None
         self._incomplete_since: float | None = None
-        self._saved_version = ""
+        self._unsaved = False  # the cache changed since the state file was written
         self._thread = threading.Thread(target=self._run, name="libmesh-xds", daemon=True)
 
     # public -----------------------------------------------------------------------------------
@@ -274,6 +274,7 @@ class XdsClient:
         else:
             resources = {**previous, **accepted}
         self._cache[type_url] = resources
+        self._unsaved = True
         self._nonces[type_url] = response.nonce
         self._received.add(type_url)
         for name, reason in errors.items():
@@ -351,6 +352,7 @@ class XdsClient:
         self._subscriptions[type_url] = names
         wanted = set(names)
         self._cache[type_url] = {n: m for n, m in self._cache[type_url].items() if n in wanted}
+        self._unsaved = True
         self._send(
             discovery_pb2.DiscoveryRequest(
                 type_url=type_url,
@@ -401,7 +403,9 @@ class XdsClient:
     # saved state ------------------------------------------------------------------------------
 
     def _save(self, snapshot: Snapshot) -> None:
-        if self.state_file is None or snapshot.version == self._saved_version:
+        # Not by version: meshd gives every type of one push the same version, and each of
+        # them changes what must be saved.
+        if self.state_file is None or not self._unsaved:
             return
         chunks = [_STATE_MAGIC]
         for type_url in TYPE_URLS:
@@ -417,7 +421,7 @@ class XdsClient:
             temporary = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
             temporary.write_bytes(b"".join(chunks))
             os.replace(temporary, self.state_file)
-            self._saved_version = snapshot.version
+            self._unsaved = False
         except OSError as exc:
             logger.warning(
                 "libmesh: cannot save the configuration to %s: %s; a restart while the control "
