@@ -274,19 +274,29 @@ class XdsServer:
         healthy = error is None or not (error.message or error.code)
         self._on_health(connection, healthy, error.message if error is not None else "")
 
-    def _on_request(self, connection: Connection, request: Any) -> None:
+    def _begin(self, connection: Connection, request: Any) -> TypeState | None:
+        """What both protocols do first with a request: a health report is taken, an unknown
+        type ignored, an ACK or NACK recorded. Returns the type's state when the request goes
+        on to its subscription, ``None`` when it is done (or carries a stale nonce)."""
         type_url = request.type_url
         if type_url == HEALTH_INFO_TYPE:
             self._health(connection, request)
-            return
+            return None
         if type_url not in TYPE_URLS:
             logger.debug("meshd: %s asked for unknown type %s", connection.id, type_url)
-            return
+            return None
         state = connection.state(type_url)
         if request.response_nonce:
             error = request.error_detail if request.HasField("error_detail") else None
             if not self._acknowledge(connection, state, type_url, request.response_nonce, error):
-                return
+                return None
+        return state
+
+    def _on_request(self, connection: Connection, request: Any) -> None:
+        state = self._begin(connection, request)
+        if state is None:
+            return
+        type_url = request.type_url
         names = list(request.resource_names)
         if names:
             state.explicit = True
@@ -300,14 +310,10 @@ class XdsServer:
             connection.wake.set()
 
     def _on_delta_request(self, connection: Connection, request: Any) -> None:
-        type_url = request.type_url
-        if type_url not in TYPE_URLS:
+        state = self._begin(connection, request)
+        if state is None:
             return
-        state = connection.state(type_url)
-        if request.response_nonce:
-            error = request.error_detail if request.HasField("error_detail") else None
-            if not self._acknowledge(connection, state, type_url, request.response_nonce, error):
-                return
+        type_url = request.type_url
         first = not state.requested
         if first:
             state.known = dict(request.initial_resource_versions)

@@ -517,3 +517,26 @@ def test_ready_and_metrics_use_istios_names(
     assert meshd.metric("pilot_xds_pushes", type="cds") >= 1
     assert meshd.metric("pilot_services") == 2
     assert meshd.get("/nowhere").status_code == 404
+
+
+def test_a_delta_client_reports_its_health_too(
+    meshd: MeshdProcess, streams: Callable[..., RawAds]
+) -> None:
+    v2 = f"outbound|8080|v2|{REVIEWS}"
+    client = streams()
+    client.send(node=node("app-1", SHOP), type_url=ENDPOINT, resource_names=[v2])
+    client.ack(client.receive(), [v2])
+    workload = streams(delta=True)
+    workload.send(node=node("reviews-vm-1.shop", WORKLOAD), type_url=LISTENER)
+    joined = client.receive()
+    client.ack(joined, [v2])
+    assert endpoint_addresses(joined, v2)["127.0.0.9:9100"] == health_check_pb2.HEALTHY
+
+    workload.send(
+        type_url=HEALTH_INFO_TYPE,
+        error_detail=status_pb2.Status(code=14, message="readiness probe failed"),
+    )
+
+    unhealthy = client.receive()
+    assert endpoint_addresses(unhealthy, v2)["127.0.0.9:9100"] == health_check_pb2.UNHEALTHY
+    meshd.wait_for_log("reviews-vm-1 reports unhealthy: readiness probe failed")
