@@ -88,7 +88,7 @@ class CertificateAuthority:
         if not key_path.exists():
             directory.mkdir(parents=True, exist_ok=True)
             new_key, new_certificate = _new_root(trust_domain, clock())
-            _write_private(key_path, _key_pem(new_key))
+            write_private(key_path, _key_pem(new_key))
             cert_path.write_bytes(new_certificate.public_bytes(serialization.Encoding.PEM))
         certificate = _load_certificate(cert_path)
         key = _load_key(key_path)
@@ -290,7 +290,7 @@ def _key_pem(key: SigningKey) -> bytes:
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Create ``path`` readable by its owner only, from the first byte (never chmod after)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as file:
@@ -319,12 +319,21 @@ def _load_key(path: Path) -> SigningKey:
         raise CAError(f"{path}: cannot read an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise CAError(f"{path}: the CA key must be ECDSA or RSA")
-    if path.stat().st_mode & 0o077:
-        raise CAError(
-            f"{path}: a CA key must be readable by its owner only "
-            f"(mode {path.stat().st_mode & 0o777:o}); run: chmod 600 {path}"
-        )
+    problem = private_problem(path, "a CA key")
+    if problem:
+        raise CAError(problem)
     return key
+
+
+def private_problem(path: Path, what: str) -> str:
+    """Why ``path`` (holding ``what``) is not private enough, or ``""`` when it is."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return (
+            f"{path}: {what} must be readable by its owner only (mode {mode:o}); "
+            f"run: chmod 600 {path}"
+        )
+    return ""
 
 
 def _check_signer(certificate: x509.Certificate, key: SigningKey, path: Path) -> None:

@@ -239,10 +239,6 @@ class SnapshotCache:
         self.generation = 0
 
     @property
-    def config(self) -> ConfigSet:
-        return self._config
-
-    @property
     def registry(self) -> Registry:
         return self._registry
 
@@ -267,9 +263,6 @@ class SnapshotCache:
 
     def cached(self, key: Node) -> NodeSnapshot | None:
         return self._snapshots.get(key)
-
-    def keys(self) -> list[Node]:
-        return list(self._snapshots)
 
     def get(self, key: Node) -> NodeSnapshot:
         """The snapshot for ``key``, translating it if this generation has none yet."""

@@ -38,8 +38,6 @@ class CertificateService:
     def __init__(self, ca: CertificateAuthority, tokens: TokenIssuer) -> None:
         self.ca = ca
         self.tokens = tokens
-        self.signed = 0
-        self.refused = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -95,7 +93,6 @@ class CertificateService:
                 f"{exc} (the token is for {identity})",
                 peer,
             )
-        self.signed += 1
         logger.info("meshd: signed an SVID for %s (%s, %s)", identity, peer, how)
         return IstioCertificateResponse(cert_chain=chain)
 
@@ -106,7 +103,6 @@ class CertificateService:
         message: str,
         peer: str,
     ) -> NoReturn:
-        self.refused += 1
         logger.warning("meshd: refused a certificate request from %s: %s", peer, message)
         await context.abort(code, message)
         raise AssertionError("abort raises")  # pragma: no cover

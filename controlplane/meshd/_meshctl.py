@@ -145,7 +145,7 @@ def _token_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from libmesh.identity import SpiffeId, SpiffeIdError
 
     from ._main import _default_ca_dir
-    from ._tokens import TokenError, TokenIssuer
+    from ._tokens import TOKEN_KEY, TokenError, TokenIssuer
 
     ca_dir = args.ca_dir or _default_ca_dir()
     try:
@@ -154,7 +154,7 @@ def _token_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except (ValueError, SpiffeIdError) as exc:
         err.write(f"meshctl: {exc}\n")
         return EXIT_USAGE
-    if not (ca_dir / "token-key").exists():
+    if not (ca_dir / TOKEN_KEY).exists():
         err.write(
             f"meshctl: no token key in {ca_dir}: start meshd with --ca-dir {ca_dir} first, "
             "or give meshd's --ca-dir\n"

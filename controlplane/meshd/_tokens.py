@@ -14,13 +14,14 @@ import binascii
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from libmesh.identity import SpiffeId, SpiffeIdError
+
+from ._ca import private_problem, write_private
 
 __all__ = ["TOKEN_KEY", "TokenError", "TokenIssuer"]
 
@@ -56,14 +57,10 @@ class TokenIssuer:
         path = directory / TOKEN_KEY
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(secrets.token_bytes(32).hex().encode("ascii"))
-        if path.stat().st_mode & 0o077:
-            raise TokenError(
-                f"{path}: the token key must be readable by its owner only "
-                f"(mode {path.stat().st_mode & 0o777:o}); run: chmod 600 {path}"
-            )
+            write_private(path, secrets.token_bytes(32).hex().encode("ascii"))
+        problem = private_problem(path, "the token key")
+        if problem:
+            raise TokenError(problem)
         return cls(bytes.fromhex(path.read_text().strip()), clock=clock)
 
     def create(self, identity: SpiffeId, ttl: float) -> str:

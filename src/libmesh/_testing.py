@@ -8,7 +8,10 @@ Decisions are unchanged (a delay fault is still counted as injected); only the w
 
 from __future__ import annotations
 
-__all__ = ["is_testing", "set_testing"]
+import asyncio
+import time
+
+__all__ = ["asleep", "is_testing", "set_testing", "sleep"]
 
 _testing = False
 
@@ -21,3 +24,15 @@ def set_testing(testing: bool) -> None:
 
 def is_testing() -> bool:
     return _testing
+
+
+def sleep(seconds: float) -> None:
+    """Wait, unless testing."""
+    if seconds > 0 and not _testing:
+        time.sleep(seconds)
+
+
+async def asleep(seconds: float) -> None:
+    """Wait without blocking the event loop, unless testing."""
+    if seconds > 0 and not _testing:
+        await asyncio.sleep(seconds)

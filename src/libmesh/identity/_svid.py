@@ -17,7 +17,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ._spiffe import SpiffeId, SpiffeIdError
 
@@ -189,9 +188,3 @@ def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-# Used by the CA when it builds a leaf: what a TLS client and server certificate needs.
-SVID_EXTENDED_KEY_USAGE = x509.ExtendedKeyUsage(
-    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..telemetry import InboundRequest, Telemetry
+from ..telemetry import Telemetry
 from ..telemetry._tracing import REQUEST_ID
 
 __all__ = ["ASGIApp", "MeshMiddleware", "metrics_asgi_app"]
@@ -68,15 +68,13 @@ class MeshMiddleware:
         authority = headers.get("host") or (f"{server[0]}:{server[1]}" if server else "")
         client = scope.get("client")
         grpc = headers.get("content-type", "").startswith("application/grpc")
-        request = InboundRequest(
-            self.telemetry,
-            scope["method"],
-            scope["path"],
-            authority,
-            headers,
-            "grpc" if grpc else "http",
-            client[0] if client else "",
-            None,
+        request = self.telemetry.inbound_request(
+            method=scope["method"],
+            path=scope["path"],
+            authority=authority,
+            headers=headers,
+            protocol="grpc" if grpc else "http",
+            client_address=client[0] if client else "",
         )
         if request.request_id_generated:  # as Envoy does: the app sees the id it logs
             # (the scope is this request's own: servers make one per request)
@@ -86,11 +84,7 @@ class MeshMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["libmesh"] = request.inbound
-        extra = (
-            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.response_headers()]
-            if request.exchanged
-            else None
-        )
+        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.response_headers()]
         exchange = _Exchange(receive, send, extra, grpc)
         with request:
             try:
@@ -126,7 +120,7 @@ class _Exchange:
     )
 
     def __init__(
-        self, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]] | None, grpc: bool
+        self, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]], grpc: bool
     ) -> None:
         self._receive = receive
         self._send = send

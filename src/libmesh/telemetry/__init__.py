@@ -2,7 +2,7 @@
 and access logs — recorded the same way for every client and server integration."""
 
 from ._access_log import DEFAULT_FIELDS, AccessLog
-from ._istio import ISTIO_LABELS, IstioMetrics, RequestRecord
+from ._istio import ISTIO_LABELS, IstioMetrics
 from ._peer import Peer, workload_name
 from ._prometheus import Counter, Gauge, Histogram, MetricsRegistry
 from ._telemetry import ClientCall, Inbound, InboundRequest, Telemetry, current_inbound
@@ -22,7 +22,6 @@ __all__ = [
     "MetricsRegistry",
     "Peer",
     "Propagation",
-    "RequestRecord",
     "Telemetry",
     "current_inbound",
     "workload_name",

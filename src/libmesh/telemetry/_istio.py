@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from ._peer import UNKNOWN, Peer
 from ._prometheus import MetricsRegistry
 
-__all__ = ["ISTIO_LABELS", "IstioMetrics", "RequestRecord"]
+__all__ = ["ISTIO_LABELS", "IstioMetrics", "service_name_and_namespace"]
 
 ISTIO_LABELS = (
     "reporter",
@@ -48,25 +47,7 @@ DURATION_BUCKETS_MS = (
 SIZE_BUCKETS_BYTES = tuple(10.0**n for n in range(10))  # 1 B … 1 GB
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """One request as a metric sees it, filled in by whichever side reports it."""
-
-    reporter: str  # "source" (the client's view) or "destination" (the server's)
-    source: Peer
-    destination: Peer
-    destination_service: str  # reviews.shop.svc.cluster.local, or the host for passthrough
-    protocol: str = "http"  # "http" or "grpc"
-    response_code: int = 0
-    grpc_status: str = ""
-    response_flags: str = "-"
-    security_policy: str = UNKNOWN  # "mutual_tls", "none" (plaintext), or unknown
-    duration_ms: float = 0.0
-    request_bytes: int = 0
-    response_bytes: int = 0
-
-
-def _service_name_and_namespace(host: str) -> tuple[str, str]:
+def service_name_and_namespace(host: str) -> tuple[str, str]:
     name, _, rest = host.partition(".")
     namespace = rest.partition(".")[0] if rest.count(".") >= 1 else UNKNOWN
     return name or UNKNOWN, namespace or UNKNOWN
@@ -201,13 +182,6 @@ class IstioMetrics:
             otel[2].record(request_bytes, attributes)
             otel[3].record(response_bytes, attributes)
 
-    def record(self, r: RequestRecord) -> None:
-        self.observe(
-            r.reporter, r.source, r.destination, r.destination_service, r.protocol,
-            r.response_code, r.grpc_status, r.response_flags, r.security_policy,
-            r.duration_ms, r.request_bytes, r.response_bytes,
-        )  # fmt: skip
-
     def _publish(self) -> None:
         """Copy the series into the registered metrics, for rendering."""
         with self._lock:
@@ -237,7 +211,7 @@ def _label_values(
     response_flags: str,
     security_policy: str,
 ) -> tuple[str, ...]:
-    service_name, service_namespace = _service_name_and_namespace(destination_service)
+    service_name, service_namespace = service_name_and_namespace(destination_service)
     return (
         reporter,
         s.workload, s.namespace, s.principal, s.app, s.version,

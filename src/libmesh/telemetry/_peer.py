@@ -4,9 +4,10 @@ each other: Istio's HTTP metadata exchange.
 An Istio sidecar sends ``x-envoy-peer-metadata-id`` and ``x-envoy-peer-metadata`` (a base64
 ``google.protobuf.Struct`` of the node's metadata: ``NAME``, ``NAMESPACE``, ``LABELS``,
 ``WORKLOAD_NAME``, ``SERVICE_ACCOUNT``, ``CLUSTER_ID``) with each request to a mesh service,
-and the server answers with its own in the response. libmesh does the same, so a libmesh client
-and a libmesh server (or an Istio sidecar on either side) label ``source_*`` and
-``destination_*`` alike without asking anyone.
+and the server answers with its own in the response. libmesh sends and reads the second (the
+one Istio reads; its metadata cut to what metrics use), so a libmesh client and a libmesh server
+(or an Istio sidecar on either side) label ``source_*`` and ``destination_*`` alike without
+asking anyone.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ from ..xds import Node
 
 __all__ = [
     "GRPC_PEER_METADATA",
-    "GRPC_PEER_METADATA_ID",
     "PEER_METADATA",
-    "PEER_METADATA_ID",
     "UNKNOWN",
     "Peer",
     "decode_peer",
@@ -35,11 +34,9 @@ __all__ = [
     "workload_name",
 ]
 
-PEER_METADATA_ID = "x-envoy-peer-metadata-id"
 PEER_METADATA = "x-envoy-peer-metadata"
 # grpc-core drops x-envoy-peer-metadata from call metadata (it reserves the name), so gRPC calls
 # carry the same value under libmesh's own names.
-GRPC_PEER_METADATA_ID = "x-libmesh-peer-metadata-id"
 GRPC_PEER_METADATA = "x-libmesh-peer-metadata"
 UNKNOWN = "unknown"
 # Istio's canonical-service labels, and the Kubernetes ones Istio falls back on.
@@ -122,9 +119,9 @@ def workload_name(node: Node) -> str:
     return f"{app}-{version}" if version else app
 
 
-def encode_peer(node: Node, workload: str, cluster: str) -> tuple[str, str]:
-    """The two metadata-exchange headers that describe ``node``, as an Istio sidecar sends
-    them."""
+def encode_peer(node: Node, workload: str, cluster: str) -> str:
+    """The metadata-exchange header's value that describes ``node``, as an Istio sidecar sends
+    it."""
     metadata = struct_pb2.Struct()
     # Only what the other side's metrics use: the header goes with every request, and
     # every byte of it is parsed and validated by both HTTP stacks.
@@ -136,8 +133,7 @@ def encode_peer(node: Node, workload: str, cluster: str) -> tuple[str, str]:
         for k, v in node.labels.items()
         if k in ("app", "version", *_SERVICE_LABELS, *_REVISION_LABELS)
     }
-    value = base64.b64encode(metadata.SerializeToString(deterministic=True)).decode("ascii")
-    return f"sidecar~0.0.0.0~{node.id}~{node.namespace}.svc.cluster.local", value
+    return base64.b64encode(metadata.SerializeToString(deterministic=True)).decode("ascii")
 
 
 @functools.lru_cache(maxsize=256)

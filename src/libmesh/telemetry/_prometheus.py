@@ -88,11 +88,6 @@ class Counter(_Metric):
         with self._lock:
             self._values = values
 
-    def inc_values(self, values: LabelValues, amount: float = 1.0) -> None:
-        """``inc`` with the label values already in ``label_names`` order (the hot path)."""
-        with self._lock:
-            self._values[values] = self._values.get(values, 0.0) + amount
-
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
@@ -154,16 +149,6 @@ class Histogram(_Metric):
         that counts elsewhere."""
         with self._lock:
             self._series = series
-
-    def observe_values(self, values: LabelValues, value: float) -> None:
-        """``observe`` with the label values already in ``label_names`` order (the hot path)."""
-        index = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            series = self._series.get(values)
-            if series is None:
-                series = self._series[values] = ([0] * (len(self.buckets) + 1), [0.0])
-            series[0][index] += 1
-            series[1][0] += value
 
     def count(self, **labels: str) -> int:
         series = self._series.get(self._key(labels))

@@ -9,21 +9,22 @@ access-log line — the same for httpx, requests, grpc, ASGI and WSGI.
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ..config._rules import is_ip
 from ..policy import ClusterState
 from ..xds import Node
 from ._access_log import AccessLog, AccessLogEntry, format_start_time
-from ._istio import IstioMetrics
+from ._istio import IstioMetrics, service_name_and_namespace
 from ._peer import (
     GRPC_PEER_METADATA,
     PEER_METADATA,
@@ -68,12 +69,8 @@ def current_inbound() -> Inbound | None:
     return _INBOUND.get()
 
 
-_GRPC_CODES = {
-    "0": "OK", "1": "CANCELLED", "2": "UNKNOWN", "3": "INVALID_ARGUMENT", "4": "DEADLINE_EXCEEDED",
-    "5": "NOT_FOUND", "6": "ALREADY_EXISTS", "7": "PERMISSION_DENIED", "8": "RESOURCE_EXHAUSTED",
-    "9": "FAILED_PRECONDITION", "10": "ABORTED", "11": "OUT_OF_RANGE", "12": "UNIMPLEMENTED",
-    "13": "INTERNAL", "14": "UNAVAILABLE", "15": "DATA_LOSS", "16": "UNAUTHENTICATED",
-}  # fmt: skip
+# "14" -> "UNAVAILABLE", for access logs
+_GRPC_CODES = {str(code.value[0]): code.name for code in grpc.StatusCode}
 
 
 class Telemetry:
@@ -97,7 +94,7 @@ class Telemetry:
         self.propagation = propagation or Propagation.from_environment(env)
         self.access_log = access_log or AccessLog.from_environment(env.get("LIBMESH_ACCESS_LOG"))
         self.local = Peer.of_node(node)
-        self._peer_id, self._peer = encode_peer(node, self.local.workload, self.local.cluster)
+        self._peer = encode_peer(node, self.local.workload, self.local.cluster)
         self._own = _OwnMetrics(self.registry, clusters, config_version)
         self._served: dict[str, str] = {}  # authority -> destination_service
         # (service, id(endpoint labels)) -> (the labels, their peer); the labels are kept so
@@ -180,7 +177,7 @@ class Telemetry:
             if len(self._destinations) > 10_000:
                 self._destinations.clear()
             peer = Peer.from_labels(
-                labels or {}, namespace=_namespace_of(service.rpartition(":")[0])
+                labels or {}, namespace=service_name_and_namespace(service.rpartition(":")[0])[1]
             )
             found = self._destinations[key] = (labels, peer)
         return found[1]
@@ -416,19 +413,6 @@ class ClientCall:
             )
 
 
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _namespace_of(host: str) -> str:
-    parts = host.split(".")
-    return parts[1] if len(parts) > 2 else UNKNOWN
-
-
 class InboundRequest:
     """One inbound request: its server span (current while the application runs), then one
     metric sample and one access-log line."""
@@ -498,7 +482,7 @@ class InboundRequest:
             )
         elif parent:  # no tracer: the caller's context still reaches outbound calls
             span = self._span = ServerSpan()
-            span.enter(self._span_name, parent, {})
+            span.pass_through(parent)
         self._token = _INBOUND.set(self.inbound)
         return self
 
@@ -528,7 +512,7 @@ class InboundRequest:
         elif host.count(":") == 1:
             host = host.rpartition(":")[0]
         local = self._telemetry.local
-        if not host or host == "localhost" or _is_address(host):
+        if not host or host == "localhost" or is_ip(host):
             if local.canonical_service == UNKNOWN:
                 return UNKNOWN
             return f"{local.canonical_service}.{local.namespace}.svc.cluster.local"

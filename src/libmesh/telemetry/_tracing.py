@@ -29,6 +29,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY as _SUPPRESS_HTTP
 from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
@@ -53,10 +54,6 @@ _FORMATS: dict[str, TextMapPropagator] = {
 }
 _TRACECONTEXT = _FORMATS["tracecontext"]
 _B3 = _FORMATS["b3multi"]  # reads the single ``b3`` header too
-_SUPPRESS_HTTP = otel_context.create_key("suppress_http_instrumentation")
-# The key OpenTelemetry's instrumentations check; create_key makes a new one each call, so the
-# real key must come from the context module itself.
-_SUPPRESS_HTTP = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", _SUPPRESS_HTTP)
 
 
 _TRACERS: dict[int, trace.Tracer] = {}
@@ -212,22 +209,23 @@ class ServerSpan:
         self._token: object = None
         self.owned = False
 
-    def enter(self, name: str, parent: Context, attributes: Mapping[str, Any]) -> None:
-        if not tracing_enabled():
-            if parent:  # pass the caller's context through to outbound calls
-                self._token = otel_context.attach(parent)
-            return
+    def enter(self, name: str, parent: Context, attributes: dict[str, Any]) -> None:
+        """With a tracer: libmesh's span, or another instrumentation's that it annotates."""
         existing = _instrumented_server_span()
         if existing is not None and _continues(existing, parent):
-            existing.set_attributes(dict(attributes))
+            existing.set_attributes(attributes)
             self.span = existing
             return
         span = tracer().start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=dict(attributes)
+            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
         self.span = span
         self._token = otel_context.attach(trace.set_span_in_context(span, parent))
         self.owned = True
+
+    def pass_through(self, parent: Context) -> None:
+        """Without a tracer: the caller's context is current, for outbound calls to carry."""
+        self._token = otel_context.attach(parent)
 
     def exit(self, error: BaseException | None) -> None:
         if self._token is not None:

@@ -72,7 +72,8 @@ import grpc
 import grpc.aio
 
 from .._exceptions import ConfigError, MeshError
-from .._testing import is_testing
+from .._testing import asleep as _asleep
+from .._testing import sleep as _sleep
 from ..policy import (
     DELIVER,
     Attempt,
@@ -637,16 +638,6 @@ def _abandon(begun: _Begun, attempt: Attempt | None) -> None:
         if isinstance(step, Attempt):
             call.finish(step)
     begun.observed.finish(status=0, flags="DC")  # Envoy's "downstream connection termination"
-
-
-def _sleep(seconds: float) -> None:
-    if seconds > 0 and not is_testing():
-        time.sleep(seconds)
-
-
-async def _asleep(seconds: float) -> None:
-    if seconds > 0 and not is_testing():
-        await asyncio.sleep(seconds)
 
 
 # -- sync ----------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol
 
@@ -26,7 +25,8 @@ import httpcore
 import httpx
 
 from .._exceptions import UpstreamConnectError, UpstreamReset, UpstreamTimeout
-from .._testing import is_testing
+from .._testing import asleep as _asleep
+from .._testing import sleep as _sleep
 from ..config._rules import is_number
 from ..policy import (
     DELIVER,
@@ -193,7 +193,6 @@ class _Base:
 
     def __init__(self, source: EngineSource) -> None:
         self._source = source
-        self._lock = threading.Lock()
 
     def _prepare(self, request: httpx.Request, attempt: Attempt) -> Any:
         """Shape the request for one attempt; returns what ``_restore`` needs.
@@ -254,7 +253,7 @@ class _Base:
             status=status,
             flags=flags or "-",
             grpc_status=grpc_status,
-            request_bytes=len(request.content) if _is_replayable(request) else 0,
+            request_bytes=len(request.content) if call.replayable else 0,
             response_bytes=response_bytes,
             upstream_host=attempt.host.key if attempt is not None else "",
             cluster=attempt.cluster.name if attempt is not None else "",
@@ -524,17 +523,7 @@ class MeshTransport(httpx.BaseTransport):
         finally:
             self._base._restore(request, saved)
         observed.attempt_done(response.status_code, _header(response.headers, b"grpc-status") or "")
-        step = call.responded(
-            attempt, response.status_code, response.headers, _grpc_status(call, response)
-        )
-        if step is DELIVER:
-            response.stream = _FinishingStream(
-                response.stream,  # type: ignore[arg-type]
-                self._base._when_read(observed, call, attempt, request, response),
-            )
-            return self._base._finish_response(response, call, attempt, request)
-        _discard(response)
-        return step
+        return self._settle(call, attempt, response, request, observed)
 
     def _race(
         self, call: Call, first: Attempt, request: httpx.Request, observed: ClientCall
@@ -678,11 +667,6 @@ def _abandon(call: Call, attempt: Attempt) -> Callable[[concurrent.futures.Futur
     return done
 
 
-def _sleep(seconds: float) -> None:
-    if seconds > 0 and not is_testing():
-        time.sleep(seconds)
-
-
 def _endpoint_options(cluster: ClusterState, options: dict[str, Any]) -> dict[str, Any]:
     settings = cluster.settings
     limits = cluster.breaker.limits
@@ -793,17 +777,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         finally:
             self._base._restore(request, saved)
         observed.attempt_done(response.status_code, _header(response.headers, b"grpc-status") or "")
-        step = call.responded(
-            attempt, response.status_code, response.headers, _grpc_status(call, response)
-        )
-        if step is DELIVER:
-            response.stream = _AsyncFinishingStream(
-                response.stream,  # type: ignore[arg-type]
-                self._base._when_read(observed, call, attempt, request, response),
-            )
-            return self._base._finish_response(response, call, attempt, request)
-        await _adiscard(response)
-        return step
+        return await self._settle(call, attempt, response, request, observed)
 
     async def _race(
         self, call: Call, first: Attempt, request: httpx.Request, observed: ClientCall
@@ -901,8 +875,3 @@ async def _adiscard(response: httpx.Response) -> None:
     with contextlib.suppress(httpx.HTTPError):
         await response.aread()
     await response.aclose()
-
-
-async def _asleep(seconds: float) -> None:
-    if seconds > 0 and not is_testing():
-        await asyncio.sleep(seconds)

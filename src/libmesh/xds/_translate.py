@@ -371,11 +371,7 @@ class _Translator:
                 serialized[type_url].update(unit.serialized[type_url])
         if self.node.flavor == "envoy":
             vhosts = [u.vhost for u in units.values() if u.vhost is not None]
-            self._build_proxy_listener(vhosts)
-            for type_url in (LISTENER, ROUTE):
-                serialized[type_url][HTTP_PROXY_LISTENER] = self.resources[type_url][
-                    HTTP_PROXY_LISTENER
-                ].SerializeToString(deterministic=True)
+            self._build_proxy_listener(vhosts)  # Snapshot.of serializes what is not yet
         return Snapshot.of(self.resources, serialized)
 
     # incremental translation ----------------------------------------------------------------
