@@ -462,6 +462,51 @@ def test_connection_pool_limits_fail_fast_with_503_uo(
     assert backends.requests(0) == 2
 
 
+def test_a_cancelled_call_gives_its_circuit_breaker_slots_back(
+    start_backends: StartBackends, mesh_dir: MeshDir
+) -> None:
+    # An asyncio task cancelled mid-attempt (a client timeout, a disconnect) must free its
+    # slot, or a cluster with maxConnections 1 would answer 503 UO for ever after.
+    import asyncio
+
+    backends = start_backends(1)
+    backends.behave(0, delay=0.5)
+    path = mesh_dir(
+        service("reviews", "shop", backends.ports),
+        """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews, namespace: shop}
+        spec:
+          host: reviews
+          trafficPolicy:
+            connectionPool:
+              tcp: {maxConnections: 1}
+              http: {http1MaxPendingRequests: 0}
+        """,
+        NO_RETRIES,
+    )
+    mesh = mesh_of(path)
+
+    async def cancel_one_then_call() -> int:
+        async with mesh.async_client(timeout=5) as client:
+            task = asyncio.ensure_future(client.get(URL + "/slow"))
+            await asyncio.sleep(0.2)  # in flight at the backend
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            backends.behave(0, delay=0)
+            return (await client.get(URL + "/after")).status_code
+
+    try:
+        assert asyncio.run(cancel_one_then_call()) == 200
+        (cluster,) = [c for name, c in mesh.engine.clusters.items() if "reviews" in name]
+        assert cluster.breaker.in_flight == 0
+        assert cluster.breaker.calls == 0
+    finally:
+        mesh.close()
+
+
 # -- outlier detection -----------------------------------------------------------------------------
 
 

@@ -486,6 +486,13 @@ class Call:
             self._release(attempt)
             self._end()
 
+    def cancel(self, attempt: Attempt | None = None) -> None:
+        """The caller gave up (an exception, a cancellation): free ``attempt``'s slot if it
+        was in flight, and the call's, reporting nothing against the upstream."""
+        if attempt is not None and self._outstanding > 0:
+            self._release(attempt)
+        self._end()
+
     def response_headers(self, attempt: Attempt) -> HeaderOps:
         decision = self.decision
         ops = (

@@ -628,15 +628,7 @@ class _Begun:
 def _abandon(begun: _Begun, attempt: Attempt | None) -> None:
     """The caller went away (an exception, a cancellation): free what the call holds without
     reporting anything against the upstream."""
-    call = begun.call
-    if attempt is not None and call.outstanding:
-        call.finish(attempt)
-    else:
-        # Between attempts the call still holds its cluster's call slot (and a reserved
-        # retry): the engine releases them with the next attempt's.
-        step = call.next()
-        if isinstance(step, Attempt):
-            call.finish(step)
+    begun.call.cancel(attempt)
     begun.observed.finish(status=0, flags="DC")  # Envoy's "downstream connection termination"
 
 

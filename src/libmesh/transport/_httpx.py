@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import httpcore
 import httpx
 
-from .._exceptions import UpstreamConnectError, UpstreamReset, UpstreamTimeout
+from .._exceptions import UpstreamConnectError, UpstreamError, UpstreamReset, UpstreamTimeout
 from .._testing import asleep as _asleep
 from .._testing import sleep as _sleep
 from ..config._rules import is_number
@@ -262,6 +262,13 @@ class _Base:
             response_headers=headers,
         )
 
+    @staticmethod
+    def _abandon(call: Call, observed: ClientCall) -> None:
+        """The caller went away mid-call: the call's slots are freed (an interrupted attempt
+        has already given back its own) and the call is counted with Envoy's flag DC."""
+        call.cancel()
+        observed.finish(status=0, flags="DC")
+
     def _when_read(
         self,
         observed: ClientCall,
@@ -478,8 +485,16 @@ class MeshTransport(httpx.BaseTransport):
             return _local_response(started, request)
         call = started
         call.replayable = _is_replayable(request)
+        observed = self._base._observe(call, request)
+        try:
+            return self._drive(call, request, observed)
+        except BaseException as exc:
+            if not isinstance(exc, UpstreamError):  # the mesh's own failures are reported
+                self._base._abandon(call, observed)
+            raise
+
+    def _drive(self, call: Call, request: httpx.Request, observed: ClientCall) -> httpx.Response:
         base = self._base
-        observed = base._observe(call, request)
         if call.delay:
             _sleep(call.delay)
         if call.abort is not None:
@@ -520,6 +535,9 @@ class MeshTransport(httpx.BaseTransport):
             failure = _failure_of(exc)
             observed.attempt_done(error=failure.name)
             return call.failed(attempt, failure)
+        except BaseException:  # cancelled, interrupted: the caller is gone
+            call.cancel(attempt)
+            raise
         finally:
             self._base._restore(request, saved)
         observed.attempt_done(response.status_code, _header(response.headers, b"grpc-status") or "")
@@ -732,8 +750,18 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return _local_response(started, request)
         call = started
         call.replayable = _is_replayable(request)
+        observed = self._base._observe(call, request)
+        try:
+            return await self._drive(call, request, observed)
+        except BaseException as exc:
+            if not isinstance(exc, UpstreamError):  # the mesh's own failures are reported
+                self._base._abandon(call, observed)
+            raise
+
+    async def _drive(
+        self, call: Call, request: httpx.Request, observed: ClientCall
+    ) -> httpx.Response:
         base = self._base
-        observed = base._observe(call, request)
         if call.delay:
             await _asleep(call.delay)
         if call.abort is not None:
@@ -774,6 +802,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             failure = _failure_of(exc)
             observed.attempt_done(error=failure.name)
             return call.failed(attempt, failure)
+        except BaseException:  # cancelled, interrupted: the caller is gone
+            call.cancel(attempt)
+            raise
         finally:
             self._base._restore(request, saved)
         observed.attempt_done(response.status_code, _header(response.headers, b"grpc-status") or "")
