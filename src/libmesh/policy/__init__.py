@@ -1,5 +1,6 @@
 """The engine: pure decisions built from xDS resources, shared by every transport."""
 
+from ._authz import Authorizer, AuthzConfigError, AuthzRequest, Decision, DryRun
 from ._balancer import Balancer, BalancerConfig, Host, hash_key
 from ._cluster import Admission, Breaker, ClusterState, ClusterStats, Limits
 from ._engine import DELIVER, Attempt, Backoff, Call, Deliver, Engine, Fail, LocalReply
@@ -12,6 +13,9 @@ __all__ = [
     "DELIVER",
     "Admission",
     "Attempt",
+    "Authorizer",
+    "AuthzConfigError",
+    "AuthzRequest",
     "Backoff",
     "Balancer",
     "BalancerConfig",
@@ -19,8 +23,10 @@ __all__ = [
     "Call",
     "ClusterState",
     "ClusterStats",
+    "Decision",
     "Deliver",
     "DirectResponse",
+    "DryRun",
     "EjectionReason",
     "Engine",
     "Fail",
