@@ -225,8 +225,11 @@ class SnapshotCache:
     """The current configuration and registry, and a snapshot per translation key made from
     them on first use. Thread-safe: translation may run off the event loop."""
 
-    def __init__(self, *, root_namespace: str = "istio-system") -> None:
+    def __init__(
+        self, *, root_namespace: str = "istio-system", trust_domain: str = "cluster.local"
+    ) -> None:
         self.root_namespace = root_namespace
+        self.trust_domain = trust_domain
         self._config = ConfigSet()
         self._registry = Registry()
         self._labels: frozenset[str] = frozenset()
@@ -282,7 +285,12 @@ class SnapshotCache:
                 translation = self._translations.setdefault(key, TranslationCache())
                 previous = self._previous.get(key)
             translated = translate(
-                config, registry, key, root_namespace=self.root_namespace, cache=translation
+                config,
+                registry,
+                key,
+                root_namespace=self.root_namespace,
+                trust_domain=self.trust_domain,
+                cache=translation,
             )
             snapshot = NodeSnapshot.of(translated, previous)
             snapshot.translated = (translation.built, translation.built + translation.reused)

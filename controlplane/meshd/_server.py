@@ -100,7 +100,9 @@ class Meshd:
         self.clock = clock
         self.metrics = Metrics()
         self.loader = Loader(settings.config_dir)
-        self.cache = SnapshotCache(root_namespace=settings.root_namespace)
+        self.cache = SnapshotCache(
+            root_namespace=settings.root_namespace, trust_domain=settings.trust_domain
+        )
         self.registrations = Registrations(grace=settings.registration_grace, clock=clock)
         self.xds = XdsServer(
             self.cache,

@@ -18,6 +18,7 @@ from ._exceptions import (
 )
 from ._mesh import Mesh, node_from_environment
 from ._testing import is_testing, set_testing
+from .middleware import serve, serve_async
 from .telemetry import AccessLog, Inbound, Propagation, current_inbound
 from .transport import (
     AsyncMeshClientInterceptor,
@@ -54,6 +55,8 @@ __all__ = [
     "is_testing",
     "middleware",
     "node_from_environment",
+    "serve",
+    "serve_async",
     "set_testing",
     "xds_aio_channel",
     "xds_bootstrap",

@@ -16,6 +16,7 @@ resources in both, so a process behaves the same whichever way it is configured.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ from ._exceptions import ConfigError, ConfigTimeout
 from ._frozen import FrozenMap
 from .config import Loader, LoadResult, Registry
 from .identity import IdentityError, WorkloadIdentity
+from .identity._tls import TlsContexts
 from .policy import ClusterStats, Engine
 from .telemetry import Telemetry
 from .transport import (
@@ -111,6 +113,7 @@ class Mesh:
         self._stop = threading.Event()
         self.last_result: LoadResult | None = None
         self.identity: WorkloadIdentity | None = None  # the SVID, with Mesh.connect(token=)
+        self.tls: TlsContexts | None = None  # TLS contexts presenting that SVID
         self.telemetry = Telemetry(
             node,
             clusters=lambda: self._engine.clusters,
@@ -173,6 +176,7 @@ class Mesh:
         state_file: str | os.PathLike[str] | None = DEFAULT,
         token: str | None = None,
         trust_domain: str | None = None,
+        svid_ttl: float = 24 * 3600,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
     ) -> Mesh:
@@ -188,7 +192,9 @@ class Mesh:
 
         With a bootstrap ``token`` (default: ``LIBMESH_TOKEN``; ``meshctl token create``), the
         process also gets its SVID — ``spiffe://<trust_domain>/ns/<namespace>/sa/
-        <service_account>`` — from meshd's CA and keeps it current (``mesh.identity``).
+        <service_account>`` — from meshd's CA (asking for ``svid_ttl`` seconds of lifetime) and
+        keeps it current (``mesh.identity``, rotated at about half the lifetime); mesh
+        connections present it (auto mTLS, ``ISTIO_MUTUAL``), and so does :func:`libmesh.serve`.
 
         With ``ports`` (``{"http": 8080}``, by service port name), this process registers
         itself: while it is connected, it is an endpoint of the services whose selector matches
@@ -230,16 +236,16 @@ class Mesh:
         if token:
             from .identity import SpiffeId, WorkloadIdentity
 
-            mesh.identity = WorkloadIdentity(
-                address,
-                SpiffeId.for_workload(
-                    trust_domain or os.environ.get("LIBMESH_TRUST_DOMAIN", "cluster.local"),
-                    node.namespace,
-                    node.service_account,
-                ),
-                token=token,
-            ).start()
-            mesh.telemetry.watch_identity(mesh.identity)
+            mesh.use_identity(
+                WorkloadIdentity(
+                    address,
+                    SpiffeId.for_workload(
+                        trust_domain or _trust_domain(), node.namespace, node.service_account
+                    ),
+                    token=token,
+                    ttl=datetime.timedelta(seconds=svid_ttl),
+                ).start()
+            )
         client.start()
         if (wait is None or wait > 0) and not client.wait(wait):
             client.close()
@@ -261,6 +267,21 @@ class Mesh:
     async def aconnect(cls, address: str | None = None, **options: Any) -> Mesh:
         """:meth:`connect`, without blocking the event loop while it waits."""
         return await asyncio.to_thread(cls.connect, address, **options)
+
+    def use_identity(self, identity: WorkloadIdentity) -> None:
+        """Present ``identity``'s SVID on mesh connections (ISTIO_MUTUAL, auto mTLS) and in
+        :func:`libmesh.serve`; ``Mesh.connect(token=...)`` does this itself."""
+        self.identity = identity
+        self.tls = TlsContexts(identity)
+        self.telemetry.watch_identity(identity)
+
+    @property
+    def trust_domain(self) -> str:
+        """The mesh's trust domain: the identity's, else ``LIBMESH_TRUST_DOMAIN``, else
+        ``cluster.local``."""
+        if self.identity is not None:
+            return self.identity.identity.trust_domain
+        return _trust_domain()
 
     @property
     def xds_status(self) -> XdsStatus | None:
@@ -301,7 +322,13 @@ class Mesh:
 
     def apply(self, result: LoadResult) -> None:
         registry = Registry.build(result.config, result.services)
-        snapshot = translate(result.config, registry, self.node, cache=self._translation)
+        snapshot = translate(
+            result.config,
+            registry,
+            self.node,
+            trust_domain=self.trust_domain,
+            cache=self._translation,
+        )
         if snapshot.version != self._engine.version:
             self._engine.update(snapshot)
             logger.info("libmesh: configuration version %s applied", snapshot.version)
@@ -442,3 +469,7 @@ def _default_state_file(address: str, node: Node) -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "libmesh"
     )
     return Path(base) / f"xds-{node.namespace}-{digest}.state"
+
+
+def _trust_domain() -> str:
+    return os.environ.get("LIBMESH_TRUST_DOMAIN") or "cluster.local"

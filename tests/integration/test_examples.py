@@ -36,3 +36,24 @@ def test_the_demo_runs_meshd_and_shows_the_canary_its_shift_and_a_refused_edit()
     assert "meshd: configuration change rejected (2 errors)" in out
     assert "mesh/reviews.yaml:25: VirtualService shop/reviews: spec.http[1].retries.perTry" in out
     assert "the last good one: 100 requests subset v1: 50, subset v2: 50" in out
+
+
+def test_the_mtls_example_goes_from_permissive_to_strict_with_an_authorization_policy() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "mtls" / "run.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    web = '200 {"balance":42,"caller":"spiffe://cluster.local/ns/shop/sa/web"}'
+    assert f"1. PERMISSIVE (the default)\n   web   GET  pay -> {web}" in out
+    assert 'plain GET  pay -> 200 {"balance":42,"caller":""}' in out
+    assert f"2. STRICT, and only shop/web may GET\n   web   GET  pay -> {web}" in out
+    assert "web   POST pay -> 403 RBAC: access denied" in out
+    assert "batch GET  pay -> 403 RBAC: access denied" in out
+    assert "plain GET  pay -> refused" in out
+    assert "refused a plaintext connection" in out  # pay's log says why

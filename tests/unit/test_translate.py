@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 
 from libmesh.config import FrozenMap, Registry, load, load_text
 from libmesh.xds import Locality, Node, Snapshot, cluster_name, parse_cluster_name, translate
+from libmesh.xds._inbound import INBOUND_LISTENER
 
 CORPUS = Path(__file__).parents[2].parent / "shared" / "istio-corpus" / "valid"
 VALID = sorted(CORPUS.glob("*.yaml"))
@@ -103,14 +104,17 @@ def check_round_trips(snapshot: Snapshot) -> None:
 
 def check_listener_names(snapshot: Snapshot) -> None:
     """A listener, its route configuration and its virtual host are all named ``host:port``
-    (Envoy's single proxy listener names each virtual host so)."""
-    assert set(snapshot.routes) == set(snapshot.listeners)
+    (Envoy's single proxy listener names each virtual host so); the inbound listener has no
+    routes of its own."""
+    assert set(snapshot.routes) == set(snapshot.listeners) - {INBOUND_LISTENER}
     if set(snapshot.listeners) == {"http_proxy"}:
         for vhost in snapshot.routes["http_proxy"].virtual_hosts:
             host, _, port = vhost.name.rpartition(":")
             assert cluster_name(int(port), "", host) in snapshot.clusters
         return
     for name, listener in snapshot.listeners.items():
+        if name == INBOUND_LISTENER:
+            continue
         host, _, port = name.rpartition(":")
         assert listener.name == name
         assert port.isdigit()
@@ -455,6 +459,7 @@ def test_the_small_mesh_translates_to_well_formed_resources() -> None:
     snapshot = mesh(destination_rule(SUBSETS))
 
     assert set(snapshot.listeners) == {
+        INBOUND_LISTENER,
         REVIEWS_LISTENER,
         f"{RATINGS}:9080",
         f"{DETAILS}:8080",

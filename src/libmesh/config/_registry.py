@@ -65,6 +65,7 @@ class RegistryService:
     resolution: Resolution = Resolution.NONE
     source: ResourceRef | None = None
     source_location: Location | None = None
+    subject_alt_names: tuple[str, ...] = ()  # the identities its workloads present (mTLS)
 
     @property
     def is_wildcard(self) -> bool:
@@ -211,6 +212,7 @@ def _from_service_entry(resource: Resource[Any], domain: str) -> list[RegistrySe
             resolution=se.resolution or Resolution.NONE,
             source=resource.ref,
             source_location=resource.location,
+            subject_alt_names=se.subject_alt_names,
         )
         for host in se.hosts
     ]

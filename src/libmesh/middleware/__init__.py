@@ -5,6 +5,7 @@ request's mesh context (``libmesh.current_inbound()``)."""
 
 from ._asgi import MeshMiddleware, metrics_asgi_app
 from ._grpc import AsyncMeshServerInterceptor, MeshServerInterceptor
+from ._serve import serve, serve_async
 from ._wsgi import MeshWSGIMiddleware, metrics_wsgi_app
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "MeshWSGIMiddleware",
     "metrics_asgi_app",
     "metrics_wsgi_app",
+    "serve",
+    "serve_async",
 ]

@@ -15,8 +15,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from ..identity._tls import principal_of_pem
+from ..policy._authz import AuthzRequest
 from ..telemetry import Telemetry
 from ..telemetry._tracing import REQUEST_ID
+from ._authorization import RBAC_DENIED, report_decision
 
 __all__ = ["ASGIApp", "MeshMiddleware", "metrics_asgi_app"]
 
@@ -58,6 +61,11 @@ class MeshMiddleware:
     ) -> None:
         self.app = app
         self.telemetry = _telemetry_of(mesh, telemetry)
+        self._source = mesh  # its engine holds the workload's inbound policy
+
+    @property
+    def _engine(self) -> Any:
+        return self._source.engine if self._source is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,6 +76,38 @@ class MeshMiddleware:
         authority = headers.get("host") or (f"{server[0]}:{server[1]}" if server else "")
         client = scope.get("client")
         grpc = headers.get("content-type", "").startswith("application/grpc")
+        extensions = scope.get("extensions")
+        tls = extensions.get("tls") if extensions else None
+        chain = tls.get("client_cert_chain") if tls else None
+        principal = principal_of_pem(chain[0]) if chain else ""
+        app = self.app
+        engine = self._engine
+        if engine is not None:
+            inbound = engine.inbound
+            port = server[1] if server else None
+            if not principal and not inbound.accepts(port, tls=False):
+                await _refuse(send, port, inbound.mode(port).value)
+                return
+            authorizer = inbound.authorizer(port)
+            if not authorizer.empty:
+                raw_path = scope.get("raw_path")
+                query = scope.get("query_string")
+                target = raw_path.decode("latin-1") if raw_path else scope["path"]
+                decision = authorizer.check(
+                    AuthzRequest(
+                        method=scope["method"],
+                        path=f"{target}?{query.decode('latin-1')}" if query else target,
+                        host=authority,
+                        headers=headers,
+                        principal=principal,
+                        source_ip=client[0] if client else "",
+                        destination_ip=server[0] if server else "",
+                        destination_port=port or 0,
+                    )
+                )
+                report_decision(decision, scope["method"], target, client, principal)
+                if not decision.allowed:
+                    app = _rbac_denied
         request = self.telemetry.inbound_request(
             method=scope["method"],
             path=scope["path"],
@@ -75,6 +115,7 @@ class MeshMiddleware:
             headers=headers,
             protocol="grpc" if grpc else "http",
             client_address=client[0] if client else "",
+            peer_principal=principal,
         )
         if request.request_id_generated:  # as Envoy does: the app sees the id it logs
             # (the scope is this request's own: servers make one per request)
@@ -88,7 +129,7 @@ class MeshMiddleware:
         exchange = _Exchange(receive, send, extra, grpc)
         with request:
             try:
-                await self.app(scope, exchange.receive, exchange.send)
+                await app(scope, exchange.receive, exchange.send)
             except BaseException:
                 if not exchange.status:
                     exchange.status = 500  # what the server will answer
@@ -102,6 +143,34 @@ class MeshMiddleware:
                     response_bytes=exchange.sent,
                     flags="-" if status else "DC",  # no response: the caller went away
                 )
+
+
+async def _rbac_denied(scope: Scope, receive: Receive, send: Send) -> None:
+    """Envoy's answer when an AuthorizationPolicy denies a request."""
+    await _plain(send, 403, RBAC_DENIED)
+
+
+async def _plain(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(send: Send, port: int | None, mode: str) -> None:
+    """A plaintext request to a port that requires mutual TLS: the server in front did not
+    terminate the mesh's mTLS (serve the app with ``libmesh.serve``), so nothing is known of
+    the caller; refused, as Envoy would refuse the connection."""
+    await _plain(
+        send, 403, f"mutual TLS required: port {port} is {mode} (PeerAuthentication)\n".encode()
+    )
 
 
 class _Exchange:

@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ..identity._tls import principal_of_pem
+from ..policy._authz import AuthzRequest
 from ..telemetry import InboundRequest, Telemetry
 from ._asgi import _telemetry_of
+from ._authorization import RBAC_DENIED, report_decision
 
 __all__ = ["MeshWSGIMiddleware", "WSGIApp", "metrics_wsgi_app"]
 
@@ -41,16 +44,60 @@ class MeshWSGIMiddleware:
     ) -> None:
         self.app = app
         self.telemetry = _telemetry_of(mesh, telemetry)
+        self._source = mesh  # its engine holds the workload's inbound policy
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         headers = _headers(environ)
         authority = headers.get("host") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
+        # a server that terminated mutual TLS passes the client's certificate (werkzeug,
+        # mod_wsgi and Apache's mod_ssl name it so)
+        certificate = environ.get("SSL_CLIENT_CERT")
+        principal = principal_of_pem(certificate) if certificate else ""
+        app = self.app
+        if self._source is not None:
+            inbound = self._source.engine.inbound
+            port = int(environ["SERVER_PORT"]) if environ.get("SERVER_PORT", "").isdigit() else None
+            if not principal and not inbound.accepts(port, tls=False):
+                refusal = (
+                    f"mutual TLS required: port {port} is {inbound.mode(port).value} "
+                    "(PeerAuthentication)\n"
+                ).encode()
+                return _plain(start_response, "403 Forbidden", refusal)
+            authorizer = inbound.authorizer(port)
+            if not authorizer.empty:
+                path = (
+                    environ.get("RAW_URI")
+                    or environ.get("REQUEST_URI")
+                    or (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"))
+                )
+                query = environ.get("QUERY_STRING")
+                if query and "?" not in path:
+                    path = f"{path}?{query}"
+                client = environ.get("REMOTE_ADDR", "")
+                decision = authorizer.check(
+                    AuthzRequest(
+                        method=environ["REQUEST_METHOD"],
+                        path=path,
+                        host=authority,
+                        headers=headers,
+                        principal=principal,
+                        source_ip=client,
+                        destination_port=port or 0,
+                    )
+                )
+                report_decision(
+                    decision, environ["REQUEST_METHOD"], path, (client,) if client else None,
+                    principal,
+                )  # fmt: skip
+                if not decision.allowed:
+                    app = _rbac_denied
         request = self.telemetry.inbound_request(
             method=environ["REQUEST_METHOD"],
             path=environ.get("PATH_INFO", "/"),
             authority=authority,
             headers=headers,
             client_address=environ.get("REMOTE_ADDR", ""),
+            peer_principal=principal,
         )
         if request.request_id_generated:
             environ["HTTP_X_REQUEST_ID"] = request.request_id
@@ -68,12 +115,22 @@ class MeshWSGIMiddleware:
 
         request.__enter__()
         try:
-            body = self.app(environ, observing_start_response)
+            body = app(environ, observing_start_response)
         except BaseException as exc:
             request.finish(status=status[0] or 500, request_bytes=request_bytes)
             request.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return _ObservedBody(body, request, status, request_bytes)
+
+
+def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _rbac_denied(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """Envoy's answer when an AuthorizationPolicy denies a request."""
+    return _plain(start_response, "403 Forbidden", RBAC_DENIED)
 
 
 class _ObservedBody:

@@ -35,6 +35,7 @@ class Host:
         "port",
         "priority",
         "requests",
+        "tls_match",
         "uds",
         "weight",
     )
@@ -60,6 +61,7 @@ class Host:
         self.weight = max(weight, 1)
         self._healthy = healthy
         self.labels = labels or {}
+        self.tls_match: dict[str, str] = {}  # its envoy.transport_socket_match metadata
         self.monitor = HostMonitor()
         self.active = 0  # requests in flight
         self.requests = 0  # lifetime attempts

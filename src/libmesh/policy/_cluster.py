@@ -23,6 +23,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from ._balancer import Balancer, BalancerConfig, Host
 from ._outlier import OutlierConfig, OutlierDetector
 from ._units import seconds
+from ._upstream_tls import PLAINTEXT, transport_sockets
 
 __all__ = ["Admission", "Breaker", "ClusterState", "ClusterStats", "Limits"]
 
@@ -182,6 +183,9 @@ class Breaker:
         )
 
 
+TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
+
+
 class ClusterKind(enum.Enum):
     ENDPOINTS = "endpoints"  # EDS or static endpoints
     ORIGINAL_DESTINATION = "original_dst"  # pass through to where the caller sent it
@@ -215,6 +219,7 @@ class ClusterState:
         self.balancer = Balancer(BalancerConfig(), rng)
         self.detector: OutlierDetector | None = None
         self.settings = ConnectionSettings()
+        self.tls = PLAINTEXT
         self.proto = proto
         self.configure(proto)
 
@@ -254,6 +259,7 @@ class ClusterState:
         else:
             self.detector = None
         self.settings = _connection_settings(proto)
+        self.tls = transport_sockets(proto)
         if proto.HasField("load_assignment"):
             self.set_endpoints(proto.load_assignment)
 
@@ -291,9 +297,11 @@ class ClusterState:
                 host.priority = group.priority
                 host.weight = max(weight, 1)
                 host.healthy = lb_endpoint.health_status in _USABLE
-                host.labels = (
-                    dict(lb_endpoint.metadata.filter_metadata["labels"].items())
-                    if "labels" in lb_endpoint.metadata.filter_metadata
+                metadata = lb_endpoint.metadata.filter_metadata
+                host.labels = dict(metadata["labels"].items()) if "labels" in metadata else {}
+                host.tls_match = (
+                    dict(metadata[TRANSPORT_SOCKET_MATCH].items())
+                    if TRANSPORT_SOCKET_MATCH in metadata
                     else {}
                 )
                 hosts.append(host)

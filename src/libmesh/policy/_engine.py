@@ -28,6 +28,7 @@ from ..config._rules import is_number
 from ..xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from ._balancer import Host, hash_key
 from ._cluster import Admission, ClusterKind, ClusterState
+from ._inbound import INBOUND_LISTENER, PERMISSIVE, InboundPolicy
 from ._request import RequestView
 from ._retry import Failure, RetryPolicy
 from ._routing import DirectResponse, Forward, HeaderOps, Redirect, RouteTable
@@ -107,6 +108,7 @@ class Call:
         "cookie",
         "decision",
         "delay",
+        "failure_reason",
         "flags",
         "replayable",
         "request",
@@ -128,6 +130,7 @@ class Call:
         self._tried: set[str] = set()
         self._outstanding = 0
         self.attempts = 0
+        self.failure_reason = ""  # what the transport said of the last failed attempt
         self.flags: list[str] = []
         self.replayable = True
         self.cookie: tuple[str, str] | None = None  # (name, Set-Cookie value) to add
@@ -547,6 +550,7 @@ class Engine:
         self._compiled: dict[str, tuple[route_pb2.RouteConfiguration, RouteTable]] = {}
         self._lock = threading.Lock()
         self.version = ""
+        self.inbound = PERMISSIVE  # what callers may send this workload (PeerAuthentication)
         if snapshot is not None:
             self.update(snapshot)
 
@@ -556,7 +560,9 @@ class Engine:
         try:
             if type_url == LISTENER:
                 assert isinstance(resource, listener_pb2.Listener)
-                if _route_name(resource) is None:
+                if resource.name == INBOUND_LISTENER:
+                    InboundPolicy.of(resource)
+                elif _route_name(resource) is None:
                     return (
                         "libmesh reads listeners with an api_listener whose HTTP connection "
                         "manager names its routes (rds)"
@@ -618,6 +624,8 @@ class Engine:
             self._clusters = clusters
             self._tables = tables
             self._compiled = compiled
+            inbound = snapshot.listeners.get(INBOUND_LISTENER)
+            self.inbound = InboundPolicy.of(inbound) if inbound is not None else PERMISSIVE
             self.version = snapshot.version
 
     def cluster(self, name: str) -> ClusterState | None:

@@ -129,11 +129,14 @@ class Telemetry:
         protocol: str = "http",
         client_address: str = "",
         span_name: str | None = None,
+        peer_principal: str = "",
     ) -> InboundRequest:
-        """Start observing one inbound request; ``headers`` must have lower-case names."""
+        """Start observing one inbound request; ``headers`` must have lower-case names;
+        ``peer_principal`` is the caller's SPIFFE ID, verified by mutual TLS."""
         return InboundRequest(
-            self, method, path, authority, headers, protocol, client_address, span_name
-        )
+            self, method, path, authority, headers, protocol, client_address, span_name,
+            peer_principal,
+        )  # fmt: skip
 
     def render_metrics(self) -> str:
         return self.registry.render()
@@ -445,6 +448,7 @@ class InboundRequest:
         protocol: str,
         client_address: str,
         span_name: str | None,
+        peer_principal: str = "",
     ) -> None:
         self._telemetry = telemetry
         self._method = method
@@ -460,8 +464,16 @@ class InboundRequest:
         self.request_id_generated = not given
         exchanged = headers.get(PEER_METADATA) or headers.get(GRPC_PEER_METADATA)
         self.exchanged = exchanged is not None
-        source = decode_peer(exchanged) if exchanged else None
-        self.inbound = Inbound(self.request_id, source or _UNKNOWN_PEER, headers=headers)
+        source = (
+            decode_peer(exchanged, peer_principal)
+            if exchanged
+            else Peer(principal=peer_principal)
+            if peer_principal
+            else None
+        )
+        self.inbound = Inbound(
+            self.request_id, source or _UNKNOWN_PEER, peer_principal, headers=headers
+        )
         self._span: ServerSpan | None = None
         self._token: contextvars.Token[Inbound | None] | None = None
 

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -28,6 +29,7 @@ from .._exceptions import UpstreamConnectError, UpstreamError, UpstreamReset, Up
 from .._testing import asleep as _asleep
 from .._testing import sleep as _sleep
 from ..config._rules import is_number
+from ..identity._tls import PeerError, TlsContexts, check_peer
 from ..policy import (
     DELIVER,
     Attempt,
@@ -42,6 +44,7 @@ from ..policy import (
     RequestView,
 )
 from ..policy._routing import NO_HEADERS, HeaderOps
+from ..policy._upstream_tls import TlsKind, UpstreamTls
 from ..telemetry import ClientCall, Telemetry
 from ..telemetry._tracing import suppressed_instrumentation
 
@@ -193,6 +196,17 @@ class _Base:
 
     def __init__(self, source: EngineSource) -> None:
         self._source = source
+        self._originated: dict[UpstreamTls, ssl.SSLContext] = {}
+
+    def tls(self, tls: UpstreamTls | None) -> _Tls | None:
+        """How to secure connections for ``tls`` (a cluster's choice for an endpoint)."""
+        return _tls_for(tls, getattr(self._source, "tls", None), self._originate)
+
+    def _originate(self, tls: UpstreamTls) -> ssl.SSLContext:
+        context = self._originated.get(tls)
+        if context is None:
+            context = self._originated[tls] = _originate_context(tls)
+        return context
 
     def _prepare(self, request: httpx.Request, attempt: Attempt) -> Any:
         """Shape the request for one attempt; returns what ``_restore`` needs.
@@ -321,8 +335,10 @@ class _Base:
     @staticmethod
     def _error(step: Fail, call: Call, request: httpx.Request) -> Exception:
         flags = ",".join(call.flags)
+        reason = call.failure_reason
         message = (
-            f"{step.message} ({flags}; {call.attempts} attempt{'s' if call.attempts != 1 else ''})"
+            f"{step.message}{f', transport failure reason: {reason}' if reason else ''} "
+            f"({flags}; {call.attempts} attempt{'s' if call.attempts != 1 else ''})"
         )
         cls = {"connect": UpstreamConnectError, "timeout": UpstreamTimeout}.get(
             step.kind, UpstreamReset
@@ -352,13 +368,111 @@ class _Base:
 # -- endpoint transports ------------------------------------------------------------------------
 
 
-class _ToEndpoint(httpcore.NetworkBackend):
-    """Connects to one endpoint, whatever host the request names."""
+class _Tls(NamedTuple):
+    """How connections to one endpoint are secured: the context (asked per connection, so a
+    rotated SVID is used from the next connection on), and who the server must be."""
 
-    def __init__(self, backend: httpcore.NetworkBackend, host: Host) -> None:
+    context: Callable[[], ssl.SSLContext]
+    sni: str | None
+    check: Callable[[Any], object]  # raises PeerError when the server is not who it must be
+
+
+def _tls_for(
+    tls: UpstreamTls | None, contexts: TlsContexts | None, originate: Callable[[UpstreamTls], Any]
+) -> _Tls | None:
+    if tls is None:
+        return None
+    if tls.kind is TlsKind.MESH:
+        alpn = tls.alpn
+
+        def mesh_context() -> ssl.SSLContext:
+            if contexts is None:
+                raise ssl.SSLError(
+                    "the upstream requires the mesh's mTLS (ISTIO_MUTUAL) and this process has "
+                    "no workload identity (Mesh.connect(token=...))"
+                )
+            return contexts.client(alpn)
+
+        expected = tls.subject_alt_names
+        return _Tls(
+            mesh_context, tls.sni or None, lambda ssl_object: check_peer(ssl_object, expected)
+        )
+    context = originate(tls)
+    return _Tls(lambda: context, tls.sni or None, lambda peer: _check_names(peer, tls))
+
+
+def _originate_context(tls: UpstreamTls) -> ssl.SSLContext:
+    """DestinationRule SIMPLE and MUTUAL: the named CA (else the system's), the named client
+    certificate; the server's names are checked against ``subjectAltNames`` when given, else
+    against the SNI, as Istio verifies at the client."""
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    context.check_hostname = tls.verify and not tls.subject_alt_names and bool(tls.sni)
+    if not tls.verify:
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    context.set_alpn_protocols(list(tls.alpn))
+    return context
+
+
+def _check_names(ssl_object: Any, tls: UpstreamTls) -> None:
+    if not tls.verify or not tls.subject_alt_names:
+        return
+    presented = {value for _, value in ssl_object.getpeercert().get("subjectAltName", ())}
+    if not presented & tls.subject_alt_names:
+        raise PeerError(
+            f"the server presented {', '.join(sorted(presented)) or 'no subject alternative '}"
+            f"names, none of the expected {', '.join(sorted(tls.subject_alt_names))}"
+        )
+
+
+def _secured(stream: Any, tls: _Tls, timeout: float | None) -> Any:
+    try:
+        secure = stream.start_tls(tls.context(), server_hostname=tls.sni, timeout=timeout)
+    except (ssl.SSLError, httpcore.ConnectError) as exc:
+        stream.close()
+        raise httpcore.ConnectError(f"TLS error: {_tls_reason(exc)}") from exc
+    try:
+        tls.check(secure.get_extra_info("ssl_object"))
+    except ssl.SSLError as exc:
+        secure.close()
+        raise httpcore.ConnectError(f"TLS error: {_tls_reason(exc)}") from exc
+    return secure
+
+
+async def _asecured(stream: Any, tls: _Tls, timeout: float | None) -> Any:
+    try:
+        secure = await stream.start_tls(tls.context(), server_hostname=tls.sni, timeout=timeout)
+    except (ssl.SSLError, httpcore.ConnectError) as exc:
+        await stream.aclose()
+        raise httpcore.ConnectError(f"TLS error: {_tls_reason(exc)}") from exc
+    try:
+        tls.check(secure.get_extra_info("ssl_object"))
+    except ssl.SSLError as exc:
+        await secure.aclose()
+        raise httpcore.ConnectError(f"TLS error: {_tls_reason(exc)}") from exc
+    return secure
+
+
+def _tls_reason(exc: BaseException) -> str:
+    while isinstance(exc, httpcore.ConnectError) and exc.__context__ is not None:
+        exc = exc.__context__  # httpcore's wrapper: the SSL error is underneath
+    if isinstance(exc, ssl.SSLError) and getattr(exc, "verify_message", None):
+        return f"{exc.reason}: {exc.verify_message}"  # type: ignore[attr-defined]
+    return str(exc.args[-1] if isinstance(exc, ssl.SSLError) and exc.args else exc)
+
+
+class _ToEndpoint(httpcore.NetworkBackend):
+    """Connects to one endpoint, whatever host the request names (with TLS when the
+    cluster's transport socket asks for it)."""
+
+    def __init__(
+        self, backend: httpcore.NetworkBackend, host: Host, tls: _Tls | None = None
+    ) -> None:
         self._backend = backend
         self._address = host.address
         self._port = host.port
+        self._tls = tls
 
     def connect_tcp(
         self,
@@ -368,9 +482,10 @@ class _ToEndpoint(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        return self._backend.connect_tcp(
+        stream = self._backend.connect_tcp(
             self._address, self._port, timeout, local_address, socket_options
         )
+        return stream if self._tls is None else _secured(stream, self._tls, timeout)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -382,10 +497,13 @@ class _ToEndpoint(httpcore.NetworkBackend):
 
 
 class _AsyncToEndpoint(httpcore.AsyncNetworkBackend):
-    def __init__(self, backend: httpcore.AsyncNetworkBackend, host: Host) -> None:
+    def __init__(
+        self, backend: httpcore.AsyncNetworkBackend, host: Host, tls: _Tls | None = None
+    ) -> None:
         self._backend = backend
         self._address = host.address
         self._port = host.port
+        self._tls = tls
 
     async def connect_tcp(
         self,
@@ -395,9 +513,10 @@ class _AsyncToEndpoint(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return await self._backend.connect_tcp(
+        stream = await self._backend.connect_tcp(
             self._address, self._port, timeout, local_address, socket_options
         )
+        return stream if self._tls is None else await _asecured(stream, self._tls, timeout)
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -412,19 +531,19 @@ class _EndpointTransport(httpx.HTTPTransport):
     """A real httpx transport whose connections all go to one endpoint. Requests keep the
     service's URL (and so its Host header); only the socket goes to the endpoint."""
 
-    def __init__(self, host: Host, **options: Any) -> None:
+    def __init__(self, host: Host, tls: _Tls | None = None, **options: Any) -> None:
         super().__init__(uds=host.uds, **options)
         if host.uds is None:
             pool = self._pool
-            pool._network_backend = _ToEndpoint(pool._network_backend, host)
+            pool._network_backend = _ToEndpoint(pool._network_backend, host, tls)
 
 
 class _AsyncEndpointTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, host: Host, **options: Any) -> None:
+    def __init__(self, host: Host, tls: _Tls | None = None, **options: Any) -> None:
         super().__init__(uds=host.uds, **options)
         if host.uds is None:
             pool = self._pool
-            pool._network_backend = _AsyncToEndpoint(pool._network_backend, host)
+            pool._network_backend = _AsyncToEndpoint(pool._network_backend, host, tls)
 
 
 # -- sync ----------------------------------------------------------------------------------------
@@ -458,21 +577,24 @@ class MeshTransport(httpx.BaseTransport):
     def __init__(self, source: EngineSource, **transport_options: Any) -> None:
         self._base = _Base(source)
         self._options = transport_options
-        self._endpoints: dict[tuple[str, str], _EndpointTransport] = {}
+        self._endpoints: dict[tuple[str, str, UpstreamTls | None], _EndpointTransport] = {}
         self._passthrough = httpx.HTTPTransport(**transport_options)
         self._mirrors: concurrent.futures.ThreadPoolExecutor | None = None
         self._race_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _endpoint(self, cluster: ClusterState, host: Host) -> _EndpointTransport:
-        key = (cluster.name, host.key)
+        tls = cluster.tls.for_endpoint(host.tls_match)
+        key = (cluster.name, host.key, tls)
         transport = self._endpoints.get(key)
         if transport is None:
             with self._lock:
                 transport = self._endpoints.get(key)
                 if transport is None:
                     transport = self._endpoints[key] = _EndpointTransport(
-                        host, **_endpoint_options(cluster, self._options)
+                        host,
+                        self._base.tls(tls),
+                        **_endpoint_options(cluster, self._options),
                     )
         return transport
 
@@ -533,6 +655,7 @@ class MeshTransport(httpx.BaseTransport):
                 response = transport.handle_request(request)
         except httpx.TransportError as exc:
             failure = _failure_of(exc)
+            call.failure_reason = str(exc)
             observed.attempt_done(error=failure.name)
             return call.failed(attempt, failure)
         except BaseException:  # cancelled, interrupted: the caller is gone
@@ -728,16 +851,17 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     def __init__(self, source: EngineSource, **transport_options: Any) -> None:
         self._base = _Base(source)
         self._options = transport_options
-        self._endpoints: dict[tuple[str, str], _AsyncEndpointTransport] = {}
+        self._endpoints: dict[tuple[str, str, UpstreamTls | None], _AsyncEndpointTransport] = {}
         self._passthrough = httpx.AsyncHTTPTransport(**transport_options)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _endpoint(self, cluster: ClusterState, host: Host) -> _AsyncEndpointTransport:
-        key = (cluster.name, host.key)
+        tls = cluster.tls.for_endpoint(host.tls_match)
+        key = (cluster.name, host.key, tls)
         transport = self._endpoints.get(key)
         if transport is None:
             transport = self._endpoints[key] = _AsyncEndpointTransport(
-                host, **_endpoint_options(cluster, self._options)
+                host, self._base.tls(tls), **_endpoint_options(cluster, self._options)
             )
         return transport
 
@@ -800,6 +924,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 response = await transport.handle_async_request(request)
         except httpx.TransportError as exc:
             failure = _failure_of(exc)
+            call.failure_reason = str(exc)
             observed.attempt_done(error=failure.name)
             return call.failed(attempt, failure)
         except BaseException:  # cancelled, interrupted: the caller is gone

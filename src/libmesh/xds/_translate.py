@@ -72,11 +72,20 @@ from ..config._networking import (
     Percent,
     PortTrafficPolicy,
     Resolution,
+    ServiceEntryLocation,
     SimpleLB,
     StringMatch,
 )
 from ..config._rules import HTTP_PROTOCOLS, is_number
+from ._inbound import INBOUND_LISTENER, inbound_listener, peer_authentication_modes
+from ._rbac import rbac_filters
 from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Locality, Node, Snapshot
+from ._tls import (
+    TLS_MODE_LABEL,
+    TRANSPORT_SOCKET_MATCH,
+    apply_upstream_tls,
+    expected_identities,
+)
 
 __all__ = [
     "DEFAULT_RETRY_ON",
@@ -149,7 +158,12 @@ def labels_read(config: ConfigSet) -> frozenset[str]:
                     keys.update(match.source_labels)
         elif resource.kind == "DestinationRule" and resource.spec.workload_selector is not None:
             keys.update(resource.spec.workload_selector.match_labels)
+        elif resource.kind in _SELECTING_POLICIES and resource.spec.selector is not None:
+            keys.update(resource.spec.selector.match_labels)
     return frozenset(keys)
+
+
+_SELECTING_POLICIES = ("PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication")
 
 
 def translation_key(node: Node, labels: frozenset[str]) -> Node:
@@ -187,13 +201,15 @@ def translate(
     node: Node | None = None,
     *,
     root_namespace: str = "istio-system",
+    trust_domain: str = "cluster.local",
     cache: TranslationCache | None = None,
 ) -> Snapshot:
     """Build the xDS resources ``node`` needs, from valid configuration and the registry.
 
     ``root_namespace`` is where mesh-wide configuration lives (Istio's ``istio-system``);
+    ``trust_domain`` names the workloads' SPIFFE IDs (what mTLS expects servers to present);
     ``cache`` makes repeated translations for the same node incremental."""
-    return _Translator(config, registry, node or Node(), root_namespace, cache).run()
+    return _Translator(config, registry, node or Node(), root_namespace, cache, trust_domain).run()
 
 
 # -- helpers that build protobuf values ----------------------------------------------------------
@@ -335,11 +351,13 @@ class _Translator:
         node: Node,
         root_namespace: str,
         cache: TranslationCache | None,
+        trust_domain: str = "cluster.local",
     ) -> None:
         self.config = config
         self.registry = registry
         self.node = node
         self.root_namespace = root_namespace
+        self.trust_domain = trust_domain
         self.cache = cache
         self.resources: dict[str, dict[str, Message]] = _empty()
         self.index = _Index(config, registry)
@@ -372,7 +390,25 @@ class _Translator:
         if self.node.flavor == "envoy":
             vhosts = [u.vhost for u in units.values() if u.vhost is not None]
             self._build_proxy_listener(vhosts)  # Snapshot.of serializes what is not yet
+        elif self.node.flavor == "libmesh":
+            self._build_inbound_listener()
         return Snapshot.of(self.resources, serialized)
+
+    def _build_inbound_listener(self) -> None:
+        """What this workload accepts from its callers: PeerAuthentication (which transports)
+        and AuthorizationPolicy (who, as RBAC filters)."""
+        node = self.node
+        modes = peer_authentication_modes(
+            self.config, node.namespace, node.labels, self.root_namespace
+        )
+        rbac = rbac_filters(
+            self.config.of_kind("AuthorizationPolicy"),
+            namespace=node.namespace,
+            labels=node.labels,
+            root_namespace=self.root_namespace,
+            trust_domain=self.trust_domain,
+        )
+        self.resources[LISTENER][INBOUND_LISTENER] = inbound_listener(modes, rbac.http_filters())
 
     # incremental translation ----------------------------------------------------------------
 
@@ -573,8 +609,14 @@ class _Translator:
             budget.min_retry_concurrency.value = (
                 3 if given.min_retry_concurrency is None else given.min_retry_concurrency
             )
-        if policy.tls is not None:
-            _record_tls(cluster, policy.tls)
+        apply_upstream_tls(
+            cluster,
+            policy.tls,
+            sans=expected_identities(service, workloads, self.trust_domain),
+            sni=f"outbound_.{port.number}_.{subset}_.{service.host}",
+            auto=service.location is ServiceEntryLocation.MESH_INTERNAL,
+            flavor=self.node.flavor,
+        )
         cluster.metadata.filter_metadata["istio"].update(
             {"services": [{"host": service.host, "namespace": service.namespace}]}
         )
@@ -1001,6 +1043,8 @@ def _lb_endpoint(
         endpoint.metadata.filter_metadata["istio"].update(
             {"serviceAccount": workload.service_account}
         )
+    if workload.labels.get(TLS_MODE_LABEL) == "istio":  # it terminates the mesh's mTLS
+        endpoint.metadata.filter_metadata[TRANSPORT_SOCKET_MATCH].update({"tlsMode": "istio"})
     return endpoint
 
 
@@ -1259,17 +1303,6 @@ def _apply_outlier_detection(
     if max_ejection_time is not None:
         out.max_ejection_time.CopyFrom(_duration(max_ejection_time))
     cluster.outlier_detection.CopyFrom(out)
-
-
-def _record_tls(cluster: cluster_pb2.Cluster, tls: ClientTLSSettings) -> None:
-    """TLS origination is part of the identity work; until then the intent is kept in the
-    cluster's metadata so that data planes and tools can see it."""
-    if tls.mode is not None:
-        cluster.metadata.filter_metadata["istio"].update({"tlsMode": tls.mode.value})
-    if tls.subject_alt_names:
-        cluster.metadata.filter_metadata["istio"].update(
-            {"subjectAltNames": list(tls.subject_alt_names)}
-        )
 
 
 def _route_match(match: HTTPMatchRequest | None) -> rc.RouteMatch:

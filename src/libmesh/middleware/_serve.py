@@ -1,0 +1,255 @@
+"""Serving an ASGI app in the mesh: uvicorn, with the mesh's mutual TLS terminated in the
+process and the caller's verified identity handed to the app.
+
+    libmesh.serve(app, mesh=mesh, host="127.0.0.1", port=8080)
+
+uvicorn does not pass client certificates to the app (no ``tls`` scope extension), and its
+TLS is all or nothing on a port. Here libmesh accepts the connections itself: it peeks at the
+first byte of each (a TLS handshake starts with 0x16), applies the workload's
+PeerAuthentication for the port — STRICT refuses plaintext, DISABLE refuses TLS, PERMISSIVE
+takes both on one port — and hands the connection, after the mutual-TLS handshake with the
+workload's current SVID, to uvicorn's own protocol. Each request's scope then carries the ASGI
+``tls`` extension with the client's certificate, which :class:`MeshMiddleware` reads as the
+peer's SPIFFE ID (``current_inbound().peer_principal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from ..identity._tls import PeerError, peer_identity
+
+__all__ = ["serve", "serve_async"]
+
+logger = logging.getLogger("libmesh")
+
+_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a handshake
+_FIRST_BYTE_TIMEOUT = 10.0
+
+
+def serve(
+    app: Any, mesh: Any, *, host: str = "127.0.0.1", port: int = 8000, **options: Any
+) -> None:
+    """Run ``app`` with uvicorn on ``host:port``, accepting callers as the mesh's
+    PeerAuthentication says; ``options`` go to ``uvicorn.Config`` (``log_level``, …; not
+    ``ssl_*``: the mesh's SVID is the certificate). Returns when the server stops (Ctrl+C,
+    SIGTERM: uvicorn's graceful shutdown)."""
+    server = _server(app, mesh, host, port, options)
+    server.run()
+
+
+async def serve_async(
+    app: Any, mesh: Any, *, host: str = "127.0.0.1", port: int = 8000, **options: Any
+) -> None:
+    """:func:`serve` in a running event loop (without uvicorn's signal handling)."""
+    server = _server(app, mesh, host, port, options)
+    await server.serve()
+
+
+def _server(app: Any, mesh: Any, host: str, port: int, options: dict[str, Any]) -> Any:
+    import uvicorn
+
+    given = [name for name in options if name.startswith("ssl")]
+    if given:
+        raise TypeError(
+            f"libmesh.serve terminates the mesh's mutual TLS with the workload's SVID; "
+            f"{', '.join(given)} cannot be given"
+        )
+    config = uvicorn.Config(app, host=host, port=port, **options)
+    return _mesh_server(config, mesh)
+
+
+def _mesh_server(config: Any, mesh: Any) -> Any:
+    """A uvicorn server whose connections libmesh accepts (uvicorn is imported only when
+    libmesh serves)."""
+    import uvicorn
+
+    class MeshServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.mesh = mesh
+            self.listener: socket.socket | None = None
+            self.acceptor: asyncio.Task[None] | None = None
+            self.port = 0
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn runs the lifespan and its main loop; libmesh owns the socket
+            await super().startup(sockets=[])
+            if self.should_exit:
+                return
+            self.listener = socket.create_server(
+                (config.host, config.port), backlog=config.backlog, reuse_port=False
+            )
+            self.listener.setblocking(False)
+            self.port = self.listener.getsockname()[1]
+            protocol = _protocol_class(config.http_protocol_class)
+
+            def create_protocol() -> asyncio.Protocol:
+                return protocol(  # type: ignore[no-any-return]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state
+                )
+
+            self.acceptor = asyncio.create_task(
+                _accept(self.listener, create_protocol, self.mesh, self.port)
+            )
+            logger.info(
+                "libmesh: serving on %s:%d (%s)",
+                config.host,
+                self.port,
+                self.mesh.engine.inbound.mode(self.port).value,
+            )
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if self.acceptor is not None:
+                self.acceptor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.acceptor
+            if self.listener is not None:
+                self.listener.close()
+            await super().shutdown(sockets=[])
+
+    return MeshServer()
+
+
+async def _accept(
+    listener: socket.socket, create_protocol: Callable[[], asyncio.Protocol], mesh: Any, port: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            connection, peer = await loop.sock_accept(listener)
+            # (asyncio sets this only on sockets it knows to be TCP; uvicorn's small writes
+            # would otherwise wait on the peer's delayed ACK, 40 ms each)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(_admit(connection, peer, create_protocol, mesh, port))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+async def _admit(
+    connection: socket.socket,
+    peer: Any,
+    create_protocol: Callable[[], asyncio.Protocol],
+    mesh: Any,
+    port: int,
+) -> None:
+    """Decide on one connection: peek at its first byte, apply the port's mode, and hand it
+    (through the mutual-TLS handshake when it is TLS) to uvicorn's protocol."""
+    loop = asyncio.get_running_loop()
+    caller = f"{peer[0]}:{peer[1]}"
+    try:
+        first = await asyncio.wait_for(_peek(loop, connection), _FIRST_BYTE_TIMEOUT)
+    except (TimeoutError, OSError):
+        connection.close()
+        return
+    if not first:
+        connection.close()  # closed before saying anything
+        return
+    tls = first[0] == _HANDSHAKE
+    inbound = mesh.engine.inbound
+    if not inbound.accepts(port, tls):
+        logger.warning(
+            "libmesh: refused a %s connection from %s: port %d is %s (PeerAuthentication)",
+            "TLS" if tls else "plaintext",
+            caller,
+            port,
+            inbound.mode(port).value,
+        )
+        connection.close()
+        return
+    context: ssl.SSLContext | None = None
+    if tls:
+        try:
+            if mesh.tls is None:
+                raise ssl.SSLError("this workload has no identity (Mesh.connect(token=...))")
+            context = mesh.tls.server()
+        except ssl.SSLError as exc:
+            logger.warning("libmesh: refused mTLS from %s: %s", caller, exc)
+            connection.close()
+            return
+    try:
+        await loop.connect_accepted_socket(create_protocol, connection, ssl=context)
+    except (ssl.SSLError, OSError) as exc:
+        logger.warning("libmesh: refused mTLS from %s: %s", caller, _reason(exc))
+        connection.close()
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> bytes:
+    ready: asyncio.Future[None] = loop.create_future()
+    descriptor = connection.fileno()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(descriptor, readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(descriptor)
+    return connection.recv(1, socket.MSG_PEEK)
+
+
+def _reason(exc: BaseException) -> str:
+    message = getattr(exc, "verify_message", None)
+    reason = getattr(exc, "reason", None)
+    if message:
+        return f"{reason}: {message}"
+    return str(reason or exc)
+
+
+_PROTOCOLS: dict[type, type] = {}
+
+
+def _protocol_class(base: type) -> type:
+    """uvicorn's HTTP protocol, made to give each request of a mutual-TLS connection the ASGI
+    ``tls`` scope extension (and to refuse a client whose certificate is not an SVID)."""
+    made = _PROTOCOLS.get(base)
+    if made is not None:
+        return made
+
+    def connection_made(self: Any, transport: asyncio.Transport) -> None:
+        base.connection_made(self, transport)  # type: ignore[attr-defined]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        der = ssl_object.getpeercert(True)
+        try:
+            peer_identity(der)
+        except PeerError as exc:
+            logger.warning("libmesh: refused mTLS from %s: %s", self.client, exc)
+            transport.close()
+            return
+        extension = {
+            "server_cert": None,
+            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "tls_version": None,
+            "cipher_suite": None,
+        }
+        app = self.app
+
+        async def with_tls(scope: Any, receive: Any, send: Any) -> None:
+            extensions = scope.get("extensions")
+            if extensions is None:
+                extensions = scope["extensions"] = {}
+            extensions["tls"] = extension
+            await app(scope, receive, send)
+
+        self.app = with_tls
+
+    made = _PROTOCOLS[base] = type(
+        f"Mesh{base.__name__}", (base,), {"connection_made": connection_made}
+    )
+    return made

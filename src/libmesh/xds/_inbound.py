@@ -1,0 +1,152 @@
+"""The inbound side of a workload as Istio builds it: the ``virtualInbound`` listener, whose
+filter chains say which transports a port accepts (PeerAuthentication) and whose HTTP filters
+say who may call (AuthorizationPolicy as RBAC).
+
+PeerAuthentication is resolved as Istio resolves it: the workload's own policy (selector
+matching its labels) over its namespace's policy (no selector) over the mesh's (root
+namespace, no selector); ``UNSET`` inherits from the next level; the default is PERMISSIVE;
+``portLevelMtls`` applies only in a policy with a selector. Per port and mode, the chains are:
+
+- STRICT: one chain matching ``transport_protocol: tls`` (mutual TLS required);
+- PERMISSIVE: a ``tls`` chain and a ``raw_buffer`` (plaintext) chain;
+- DISABLE: one ``raw_buffer`` chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import config_source_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf import any_pb2
+
+from ..config import ConfigSet, Resource, labels_match
+from ..config._security import MutualTLSMode, PeerAuthentication
+from ._tls import ROOT_SECRET, SVID_SECRET, TLS_SOCKET
+
+__all__ = ["INBOUND_LISTENER", "inbound_listener", "peer_authentication_modes"]
+
+INBOUND_LISTENER = "virtualInbound"
+_HCM = "envoy.filters.network.http_connection_manager"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundModes:
+    """The resolved mode for the workload, and per port where a port overrides it."""
+
+    default: MutualTLSMode
+    ports: Mapping[int, MutualTLSMode]
+
+
+def peer_authentication_modes(
+    config: ConfigSet, namespace: str, labels: Mapping[str, str], root_namespace: str
+) -> InboundModes:
+    """Which PeerAuthentication applies to a workload, per port (Istio's precedence)."""
+    mesh: Resource[PeerAuthentication] | None = None
+    space: Resource[PeerAuthentication] | None = None
+    workload: Resource[PeerAuthentication] | None = None
+    for resource in config.of_kind("PeerAuthentication"):
+        spec: PeerAuthentication = resource.spec
+        selector = spec.selector.match_labels if spec.selector is not None else None
+        if selector:
+            if resource.namespace == namespace and labels_match(selector, labels):
+                workload = workload or resource  # the first one read wins, as the oldest does
+        elif resource.namespace == namespace:
+            space = space or resource
+        elif resource.namespace == root_namespace:
+            mesh = mesh or resource
+    mode = MutualTLSMode.PERMISSIVE
+    for level in (mesh, space, workload):
+        given = _mode(level.spec) if level is not None else None
+        if given is not None:
+            mode = given
+    ports: dict[int, MutualTLSMode] = {}
+    if workload is not None:
+        for port, mtls in workload.spec.port_level_mtls.items():
+            if mtls.mode is not None and mtls.mode is not MutualTLSMode.UNSET:
+                ports[int(port)] = mtls.mode
+    return InboundModes(mode, ports)
+
+
+def _mode(spec: PeerAuthentication) -> MutualTLSMode | None:
+    mode = spec.mtls.mode if spec.mtls is not None else None
+    return None if mode is None or mode is MutualTLSMode.UNSET else mode
+
+
+def inbound_listener(
+    modes: InboundModes, http_filters: Sequence[hcm_pb2.HttpFilter] = ()
+) -> listener_pb2.Listener:
+    """The ``virtualInbound`` listener: a filter chain per port override and transport, then
+    the workload-wide ones; each runs ``http_filters`` (RBAC, …) before the router."""
+    listener = listener_pb2.Listener(
+        name=INBOUND_LISTENER,
+        traffic_direction=2,  # core.v3.TrafficDirection.INBOUND
+    )
+    listener.address.socket_address.address = "0.0.0.0"
+    listener.address.socket_address.port_value = 15006  # Istio's inbound capture port
+    for port, mode in sorted(modes.ports.items()):
+        _chains(listener, mode, port, http_filters)
+    _chains(listener, modes.default, None, http_filters)
+    return listener
+
+
+def _chains(
+    listener: listener_pb2.Listener,
+    mode: MutualTLSMode,
+    port: int | None,
+    http_filters: Sequence[hcm_pb2.HttpFilter],
+) -> None:
+    transports = {
+        MutualTLSMode.STRICT: ("tls",),
+        MutualTLSMode.PERMISSIVE: ("tls", "raw_buffer"),
+        MutualTLSMode.DISABLE: ("raw_buffer",),
+    }[mode]
+    for transport in transports:
+        chain = listener.filter_chains.add()
+        chain.name = f"{port or 'default'}-{transport}-{mode.value.lower()}"
+        if port is not None:
+            chain.filter_chain_match.destination_port.value = port
+        chain.filter_chain_match.transport_protocol = transport
+        if transport == "tls":
+            chain.transport_socket.name = TLS_SOCKET
+            chain.transport_socket.typed_config.Pack(_downstream_mtls())
+        chain.filters.append(_connection_manager(http_filters))
+
+
+def _downstream_mtls() -> tls_pb2.DownstreamTlsContext:
+    context = tls_pb2.DownstreamTlsContext()
+    context.require_client_certificate.value = True
+    common = context.common_tls_context
+    for config, name in (
+        (common.tls_certificate_sds_secret_configs.add(), SVID_SECRET),
+        (common.validation_context_sds_secret_config, ROOT_SECRET),
+    ):
+        config.name = name
+        config.sds_config.ads.SetInParent()
+        config.sds_config.resource_api_version = config_source_pb2.V3
+    common.alpn_protocols.extend(("h2", "http/1.1"))
+    return context
+
+
+def _connection_manager(
+    http_filters: Sequence[hcm_pb2.HttpFilter],
+) -> listener_components_pb2.Filter:
+    manager = hcm_pb2.HttpConnectionManager(stat_prefix="inbound_0.0.0.0_15006")
+    manager.route_config.name = "inbound|http|0"
+    host = manager.route_config.virtual_hosts.add(name="inbound|http|0", domains=["*"])
+    route = host.routes.add()
+    route.match.prefix = "/"
+    route.route.cluster = "inbound|http|0"
+    manager.http_filters.extend(http_filters)
+    manager.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(
+        router_pb2.Router()
+    )
+    packed = any_pb2.Any()
+    packed.Pack(manager)
+    return listener_components_pb2.Filter(name=_HCM, typed_config=packed)

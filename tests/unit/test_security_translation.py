@@ -1,0 +1,179 @@
+"""mTLS and PeerAuthentication as xDS: DestinationRule TLS modes and auto mTLS on clusters,
+the workload's ``virtualInbound`` listener, and what the engine reads back from them."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from libmesh.config import FrozenMap, Registry, load_text
+from libmesh.policy import Engine
+from libmesh.policy._inbound import InboundPolicy, MtlsMode
+from libmesh.policy._upstream_tls import TlsKind, UpstreamTls, transport_sockets
+from libmesh.xds import Node, Snapshot, translate
+from libmesh.xds._inbound import INBOUND_LISTENER
+
+PAY = "pay.shop.svc.cluster.local"
+CLUSTER = f"outbound|8080||{PAY}"
+SERVICE = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pay, namespace: shop}
+spec:
+  hosts: [pay.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  subjectAltNames: [spiffe://cluster.local/ns/shop/sa/pay-legacy]
+  endpoints:
+  - {address: 10.0.0.1, serviceAccount: pay, labels: {security.istio.io/tlsMode: istio}}
+  - {address: 10.0.0.2}
+"""
+NODE = Node(namespace="shop", labels=FrozenMap({"app": "pay"}))
+
+
+def snapshot(*documents: str, node: Node = NODE) -> Snapshot:
+    text = "\n---\n".join(textwrap.dedent(d).strip() for d in (SERVICE, *documents))
+    result = load_text(text, "mesh.yaml")
+    assert result.errors == (), [e.format() for e in result.errors]
+    return translate(result.config, Registry.build(result.config, result.services), node)
+
+
+def endpoint_tls(snap: Snapshot) -> dict[str, UpstreamTls | None]:
+    engine = Engine(snap)
+    cluster = engine.cluster(CLUSTER)
+    assert cluster is not None
+    return {h.address: cluster.tls.for_endpoint(h.tls_match) for h in cluster.hosts}
+
+
+SANS = frozenset(
+    {"spiffe://cluster.local/ns/shop/sa/pay", "spiffe://cluster.local/ns/shop/sa/pay-legacy"}
+)
+
+
+def test_auto_mtls_for_endpoints_that_terminate_it_plaintext_for_the_others() -> None:
+    tls = endpoint_tls(snapshot())
+    secured = tls["10.0.0.1"]
+    assert secured is not None
+    assert secured.kind is TlsKind.MESH
+    assert secured.subject_alt_names == SANS  # service accounts and subjectAltNames
+    assert secured.sni == f"outbound_.8080_._.{PAY}"
+    assert tls["10.0.0.2"] is None
+
+
+def test_grpc_gets_no_auto_mtls_but_istio_mutual_with_certificate_providers() -> None:
+    grpc = Node(namespace="shop", flavor="grpc")
+    assert not snapshot(node=grpc).clusters[CLUSTER].transport_socket_matches
+    rule = """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: pay, namespace: shop}
+    spec: {host: pay.shop.svc.cluster.local, trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}}
+    """
+    cluster = snapshot(rule, node=grpc).clusters[CLUSTER]
+    tls = transport_sockets(cluster).for_endpoint({})
+    assert tls is not None
+    assert tls.kind is TlsKind.MESH
+    assert tls.subject_alt_names == SANS
+
+
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        ("{mode: DISABLE}", {"10.0.0.1": None, "10.0.0.2": None}),
+        (
+            "{mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/shop/sa/x]}",
+            {
+                "10.0.0.1": UpstreamTls(TlsKind.MESH, f"outbound_.8080_._.{PAY}",
+                                        frozenset({"spiffe://cluster.local/ns/shop/sa/x"}),
+                                        alpn=("http/1.1",)),
+                "10.0.0.2": UpstreamTls(TlsKind.MESH, f"outbound_.8080_._.{PAY}",
+                                        frozenset({"spiffe://cluster.local/ns/shop/sa/x"}),
+                                        alpn=("http/1.1",)),
+            },
+        ),
+        (
+            "{mode: SIMPLE, caCertificates: /etc/ca.pem, sni: pay.example.com}",
+            dict.fromkeys(("10.0.0.1", "10.0.0.2"),
+                          UpstreamTls(TlsKind.ORIGINATE, "pay.example.com", ca_file="/etc/ca.pem",
+                                      alpn=("http/1.1",))),
+        ),
+        (
+            "{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}",
+            dict.fromkeys(("10.0.0.1", "10.0.0.2"),
+                          UpstreamTls(TlsKind.ORIGINATE, cert_file="/c.pem", key_file="/k.pem",
+                                      alpn=("http/1.1",))),
+        ),
+    ],
+)  # fmt: skip
+def test_destination_rule_tls_modes(tls: str, expected: dict[str, UpstreamTls | None]) -> None:
+    rule = f"""
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{name: pay, namespace: shop}}
+    spec: {{host: pay.shop.svc.cluster.local, trafficPolicy: {{tls: {tls}}}}}
+    """
+    assert endpoint_tls(snapshot(rule)) == expected
+
+
+def peer_authentication(name: str, namespace: str, spec: str) -> str:
+    return f"""
+    apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {{name: {name}, namespace: {namespace}}}
+    spec: {spec}
+    """
+
+
+def inbound(*documents: str, node: Node = NODE) -> InboundPolicy:
+    return InboundPolicy.of(snapshot(*documents, node=node).listeners[INBOUND_LISTENER])
+
+
+def test_peer_authentication_is_permissive_by_default() -> None:
+    policy = inbound()
+    assert policy.mode(8080) is MtlsMode.PERMISSIVE
+    assert policy.accepts(8080, tls=False)
+    assert policy.accepts(8080, tls=True)
+
+
+def test_workload_over_namespace_over_mesh_and_unset_inherits() -> None:
+    mesh_wide = peer_authentication("default", "istio-system", "{mtls: {mode: STRICT}}")
+    namespace = peer_authentication("default", "shop", "{mtls: {mode: UNSET}}")
+    assert inbound(mesh_wide, namespace).mode(80) is MtlsMode.STRICT
+    workload = peer_authentication(
+        "pay", "shop",
+        "{selector: {matchLabels: {app: pay}}, mtls: {mode: DISABLE},"
+        " portLevelMtls: {'9000': {mode: STRICT}, '9001': {mode: UNSET}}}",
+    )  # fmt: skip
+    policy = inbound(mesh_wide, namespace, workload)
+    assert policy.mode(80) is MtlsMode.DISABLE
+    assert policy.mode(9000) is MtlsMode.STRICT
+    assert policy.mode(9001) is MtlsMode.DISABLE
+    assert not policy.accepts(80, tls=True)
+    assert not policy.accepts(9000, tls=False)
+    # another workload of the namespace: the selector does not match it
+    other = Node(namespace="shop", labels=FrozenMap({"app": "web"}))
+    assert inbound(mesh_wide, namespace, workload, node=other).mode(80) is MtlsMode.STRICT
+    # a namespace's policy does not reach other namespaces
+    elsewhere = Node(namespace="billing")
+    strict_shop = peer_authentication("default", "shop", "{mtls: {mode: STRICT}}")
+    assert inbound(strict_shop, node=elsewhere).mode(80) is MtlsMode.PERMISSIVE
+
+
+def test_authorization_policies_reach_the_inbound_listener() -> None:
+    policy = """
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: only-web, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: pay}}
+      rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
+    """
+    from libmesh.policy._authz import AuthzRequest
+
+    authorizer = inbound(policy).authorizer(8080)
+    web = AuthzRequest(principal="spiffe://cluster.local/ns/shop/sa/web")
+    assert authorizer.check(web).allowed
+    assert not authorizer.check(AuthzRequest(principal="spiffe://cluster.local/ns/x/sa/y")).allowed
+    assert inbound().authorizer(8080).empty
