@@ -4,7 +4,8 @@ registers itself, and serves with ``libmesh.serve`` (the mesh's mutual TLS, Peer
     python -m tests.mesh_server XDS_ADDRESS TOKEN PORT [NAMESPACE SERVICE_ACCOUNT APP]
 
 ``SVID_TTL`` (seconds) shortens its certificates' lifetime. ``GET /`` answers the caller's
-verified SPIFFE ID (``""`` over plaintext) as JSON."""
+verified SPIFFE ID (``""`` over plaintext) as JSON; ``GET /?show=jwt`` what RequestAuthentication
+made of the request (its principal, the headers the app got)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import os
 import sys
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 import libmesh
 
@@ -37,8 +38,14 @@ def main() -> None:
     app = FastAPI()
 
     @app.get("/")
-    async def who() -> dict[str, str]:
+    async def who(request: Request) -> dict[str, str]:
         inbound = libmesh.current_inbound()
+        if request.query_params.get("show") == "jwt":  # what authentication made of it
+            return {
+                "request": inbound.request_principal if inbound else "?",
+                "authorization": request.headers.get("authorization", ""),
+                "x-sub": request.headers.get("x-sub", ""),
+            }
         return {"peer": inbound.peer_principal if inbound else "?"}
 
     app.add_middleware(libmesh.middleware.MeshMiddleware, mesh=mesh)

@@ -177,3 +177,37 @@ def test_authorization_policies_reach_the_inbound_listener() -> None:
     assert authorizer.check(web).allowed
     assert not authorizer.check(AuthzRequest(principal="spiffe://cluster.local/ns/x/sa/y")).allowed
     assert inbound().authorizer(8080).empty
+
+
+def test_request_authentication_becomes_jwt_authn_with_istios_defaults() -> None:
+    rule = """
+    apiVersion: security.istio.io/v1
+    kind: RequestAuthentication
+    metadata: {name: jwt, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: pay}}
+      jwtRules:
+      - issuer: https://issuer.example
+        jwks: '{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}'
+      - issuer: https://other.example
+        jwksUri: https://other.example/keys
+        fromHeaders: [{name: x-token}]
+        forwardOriginalToken: true
+    """
+    jwt = inbound(rule).jwt(8080)
+    assert jwt is not None
+    assert jwt.allow_missing  # a request without a token is authorization's business
+    inline, remote = jwt.rules
+    assert inline.issuer == "https://issuer.example"
+    assert inline.jwks is not None
+    assert inline.from_headers == (("authorization", "Bearer "),)
+    assert inline.from_params == ("access_token",)
+    assert not inline.forward
+    assert remote.jwks_uri == "https://other.example/keys"
+    assert remote.from_headers == (("x-token", ""),)
+    assert remote.from_params == ()
+    assert remote.forward
+    other = Node(namespace="shop", labels=FrozenMap({"app": "web"}))
+    assert inbound(rule, node=other).jwt(8080) is None

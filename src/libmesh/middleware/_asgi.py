@@ -19,6 +19,8 @@ from ..identity._tls import principal_of_pem
 from ..policy._authz import AuthzRequest
 from ..telemetry import Telemetry
 from ..telemetry._tracing import REQUEST_ID
+from ..transport._jwks import JwksCache
+from ._authentication import NOTHING, Authenticated, authenticate_async, unauthorized_headers
 from ._authorization import RBAC_DENIED, report_decision
 
 __all__ = ["ASGIApp", "MeshMiddleware", "metrics_asgi_app"]
@@ -62,6 +64,7 @@ class MeshMiddleware:
         self.app = app
         self.telemetry = _telemetry_of(mesh, telemetry)
         self._source = mesh  # its engine holds the workload's inbound policy
+        self._jwks = JwksCache()
 
     @property
     def _engine(self) -> Any:
@@ -81,6 +84,7 @@ class MeshMiddleware:
         chain = tls.get("client_cert_chain") if tls else None
         principal = principal_of_pem(chain[0]) if chain else ""
         app = self.app
+        authenticated = NOTHING
         engine = self._engine
         if engine is not None:
             inbound = engine.inbound
@@ -88,11 +92,20 @@ class MeshMiddleware:
             if not principal and not inbound.accepts(port, tls=False):
                 await _refuse(send, port, inbound.mode(port).value)
                 return
+            query = scope.get("query_string") or b""
+            raw_path = scope.get("raw_path")
+            target = raw_path.decode("latin-1") if raw_path else scope["path"]
+            jwt = inbound.jwt(port)
+            if jwt is not None:
+                authenticated = await authenticate_async(
+                    jwt, headers, query.decode("latin-1"), self._jwks
+                )
+                if authenticated.error:
+                    app = _unauthorized(authenticated.error, authority, target)
+                else:
+                    _rewrite_headers(scope, headers, authenticated)
             authorizer = inbound.authorizer(port)
-            if not authorizer.empty:
-                raw_path = scope.get("raw_path")
-                query = scope.get("query_string")
-                target = raw_path.decode("latin-1") if raw_path else scope["path"]
+            if not authorizer.empty and not authenticated.error:
                 decision = authorizer.check(
                     AuthzRequest(
                         method=scope["method"],
@@ -103,6 +116,7 @@ class MeshMiddleware:
                         source_ip=client[0] if client else "",
                         destination_ip=server[0] if server else "",
                         destination_port=port or 0,
+                        jwt_claims=authenticated.claims,
                     )
                 )
                 report_decision(decision, scope["method"], target, client, principal)
@@ -116,6 +130,7 @@ class MeshMiddleware:
             protocol="grpc" if grpc else "http",
             client_address=client[0] if client else "",
             peer_principal=principal,
+            request_principal=authenticated.principal,
         )
         if request.request_id_generated:  # as Envoy does: the app sees the id it logs
             # (the scope is this request's own: servers make one per request)
@@ -143,6 +158,35 @@ class MeshMiddleware:
                     response_bytes=exchange.sent,
                     flags="-" if status else "DC",  # no response: the caller went away
                 )
+
+
+def _unauthorized(error: str, authority: str, path: str) -> ASGIApp:
+    """Envoy's answer to a request whose token failed: 401, the reason as the body."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = error.encode()
+        headers = [
+            (k.encode(), v.encode("latin-1")) for k, v in unauthorized_headers(authority, path)
+        ]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _rewrite_headers(scope: Scope, headers: dict[str, str], authenticated: Authenticated) -> None:
+    """What the app sees of a validated token: its header gone unless forwarded, its claims
+    added as headers when asked."""
+    removed = authenticated.remove_header.encode()
+    if not removed and not authenticated.add_headers:
+        return
+    raw = [(k, v) for k, v in scope["headers"] if k != removed]
+    headers.pop(authenticated.remove_header, None)
+    for name, value in authenticated.add_headers:
+        raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        headers[name.lower()] = value
+    scope["headers"] = raw
 
 
 async def _rbac_denied(scope: Scope, receive: Receive, send: Send) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 from ..identity._tls import principal_of_pem
 from ..policy._authz import AuthzRequest
 from ..telemetry import InboundRequest, Telemetry
+from ..transport._jwks import JwksCache
 from ._asgi import _telemetry_of
+from ._authentication import NOTHING, Authenticated, authenticate, unauthorized_headers
 from ._authorization import RBAC_DENIED, report_decision
 
 __all__ = ["MeshWSGIMiddleware", "WSGIApp", "metrics_wsgi_app"]
@@ -45,6 +47,7 @@ class MeshWSGIMiddleware:
         self.app = app
         self.telemetry = _telemetry_of(mesh, telemetry)
         self._source = mesh  # its engine holds the workload's inbound policy
+        self._jwks = JwksCache()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         headers = _headers(environ)
@@ -54,6 +57,7 @@ class MeshWSGIMiddleware:
         certificate = environ.get("SSL_CLIENT_CERT")
         principal = principal_of_pem(certificate) if certificate else ""
         app = self.app
+        authenticated = NOTHING
         if self._source is not None:
             inbound = self._source.engine.inbound
             port = int(environ["SERVER_PORT"]) if environ.get("SERVER_PORT", "").isdigit() else None
@@ -63,16 +67,28 @@ class MeshWSGIMiddleware:
                     "(PeerAuthentication)\n"
                 ).encode()
                 return _plain(start_response, "403 Forbidden", refusal)
+            path = (
+                environ.get("RAW_URI")
+                or environ.get("REQUEST_URI")
+                or (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"))
+            )
+            query = environ.get("QUERY_STRING", "")
+            if query and "?" not in path:
+                path = f"{path}?{query}"
+            jwt = inbound.jwt(port)
+            if jwt is not None:
+                authenticated = authenticate(jwt, headers, query, self._jwks)
+                if authenticated.error:
+                    refusal = authenticated.error.encode()
+                    start_response(
+                        "401 Unauthorized",
+                        [*unauthorized_headers(authority, path.partition("?")[0]),
+                         ("content-length", str(len(refusal)))],
+                    )  # fmt: skip
+                    return [refusal]
+                _rewrite_environ(environ, headers, authenticated)
             authorizer = inbound.authorizer(port)
             if not authorizer.empty:
-                path = (
-                    environ.get("RAW_URI")
-                    or environ.get("REQUEST_URI")
-                    or (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"))
-                )
-                query = environ.get("QUERY_STRING")
-                if query and "?" not in path:
-                    path = f"{path}?{query}"
                 client = environ.get("REMOTE_ADDR", "")
                 decision = authorizer.check(
                     AuthzRequest(
@@ -83,6 +99,7 @@ class MeshWSGIMiddleware:
                         principal=principal,
                         source_ip=client,
                         destination_port=port or 0,
+                        jwt_claims=authenticated.claims,
                     )
                 )
                 report_decision(
@@ -98,6 +115,7 @@ class MeshWSGIMiddleware:
             headers=headers,
             client_address=environ.get("REMOTE_ADDR", ""),
             peer_principal=principal,
+            request_principal=authenticated.principal,
         )
         if request.request_id_generated:
             environ["HTTP_X_REQUEST_ID"] = request.request_id
@@ -121,6 +139,18 @@ class MeshWSGIMiddleware:
             request.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return _ObservedBody(body, request, status, request_bytes)
+
+
+def _rewrite_environ(
+    environ: dict[str, Any], headers: dict[str, str], authenticated: Authenticated
+) -> None:
+    """The token's header gone unless forwarded; claims added as headers when asked."""
+    if authenticated.remove_header:
+        environ.pop("HTTP_" + authenticated.remove_header.upper().replace("-", "_"), None)
+        headers.pop(authenticated.remove_header, None)
+    for name, value in authenticated.add_headers:
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+        headers[name.lower()] = value
 
 
 def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:

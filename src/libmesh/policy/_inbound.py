@@ -6,15 +6,17 @@ No chain: the connection is refused (plaintext to a STRICT port, TLS to a DISABL
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
 from ._authz import Authorizer
+from ._jwt import JwtPolicy
 
 __all__ = ["INBOUND_LISTENER", "InboundPolicy", "MtlsMode"]
 
@@ -49,6 +51,7 @@ class InboundPolicy:
         default_factory=lambda: {None: frozenset({"tls", "raw_buffer"})}
     )
     authorizers: Mapping[int | None, Authorizer] = field(default_factory=dict)
+    authentication: Mapping[int | None, JwtPolicy] = field(default_factory=dict)
 
     @classmethod
     def of(cls, listener: listener_pb2.Listener) -> InboundPolicy:
@@ -56,6 +59,7 @@ class InboundPolicy:
         enforce: the listener is then NACKed, never half-applied."""
         transports: dict[int | None, set[str]] = {}
         authorizers: dict[int | None, Authorizer] = {}
+        authentication: dict[int | None, JwtPolicy] = {}
         for chain in listener.filter_chains:
             match = chain.filter_chain_match
             port = match.destination_port.value if match.HasField("destination_port") else None
@@ -67,11 +71,21 @@ class InboundPolicy:
                 )
             transports.setdefault(port, set()).add(kind)
             if port not in authorizers:
-                authorizers[port] = _authorizer(chain)
+                filters = _http_filters(chain)
+                authorizers[port] = Authorizer.from_http_filters(filters)
+                jwt = _jwt_policy(filters)
+                if jwt is not None:
+                    authentication[port] = jwt
         return cls(
             {port: frozenset(kinds) for port, kinds in transports.items()},
             {port: a for port, a in authorizers.items() if not a.empty},
+            authentication,
         )
+
+    def jwt(self, port: int | None) -> JwtPolicy | None:
+        """Which tokens ``port`` checks (RequestAuthentication); ``None``: none."""
+        found = self.authentication.get(port) if port is not None else None
+        return found if found is not None else self.authentication.get(None)
 
     def authorizer(self, port: int | None) -> Authorizer:
         """Who may call ``port`` (AuthorizationPolicy); ``check`` it per request."""
@@ -94,12 +108,20 @@ class InboundPolicy:
         return ("tls" if tls else "raw_buffer") in self._for(port)
 
 
-def _authorizer(chain: listener_components_pb2.FilterChain) -> Authorizer:
+def _http_filters(chain: listener_components_pb2.FilterChain) -> Sequence[hcm_pb2.HttpFilter]:
     for network_filter in chain.filters:
         manager = hcm_pb2.HttpConnectionManager()
         if network_filter.typed_config.Unpack(manager):
-            return Authorizer.from_http_filters(manager.http_filters)
-    return _NOBODY
+            return list(manager.http_filters)
+    return []
+
+
+def _jwt_policy(filters: Sequence[hcm_pb2.HttpFilter]) -> JwtPolicy | None:
+    for http_filter in filters:
+        config = jwt_pb2.JwtAuthentication()
+        if not http_filter.disabled and http_filter.typed_config.Unpack(config):
+            return JwtPolicy.of(config)
+    return None
 
 
 PERMISSIVE = InboundPolicy()

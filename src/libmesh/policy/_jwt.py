@@ -130,14 +130,7 @@ class JwtProvider:
 
     def extract(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         """The token the request carries where this provider looks, if any."""
-        for name, prefix in self.from_headers:
-            value = headers.get(name.lower())
-            if value is not None and value.startswith(prefix):
-                return value[len(prefix) :].strip()
-        for name in self.from_params:
-            if name in query:
-                return query[name]
-        return None
+        return _extract(self.from_headers, self.from_params, headers, query)
 
     def validate(self, token: str, now: float) -> ValidatedJwt:
         """Check ``token``'s signature, issuer, audiences and times at ``now`` (Unix time);
@@ -237,3 +230,136 @@ def providers_from(rules: Sequence[Any], jwks_by_issuer: Mapping[str, str]) -> l
             )
         )
     return providers
+
+
+# -- the jwt_authn filter, as xDS carries it -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JwtRule:
+    """One provider of a ``jwt_authn`` filter: where its token is, whose it must be, where its
+    keys are (``jwks`` inline, else fetched from ``jwks_uri``), what to do with it after."""
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    from_headers: tuple[tuple[str, str], ...]
+    from_params: tuple[str, ...]
+    jwks: Jwks | None
+    jwks_uri: str
+    fetch_timeout: float
+    cache_duration: float
+    forward: bool
+    claim_to_headers: tuple[tuple[str, str], ...]
+
+    def provider(self, jwks: Jwks) -> JwtProvider:
+        return JwtProvider(
+            issuer=self.issuer,
+            jwks=jwks,
+            audiences=self.audiences,
+            from_headers=self.from_headers,
+            from_params=self.from_params,
+            forward_original_token=self.forward,
+            claim_to_headers=self.claim_to_headers,
+        )
+
+    def extract(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        return _extract(self.from_headers, self.from_params, headers, query)
+
+
+@dataclass(frozen=True)
+class JwtPolicy:
+    """A workload's RequestAuthentication, compiled from its ``jwt_authn`` filter: the
+    providers, and whether a request without any token may pass (Istio's ``allow_missing``)."""
+
+    rules: tuple[JwtRule, ...]
+    allow_missing: bool = True
+
+    @classmethod
+    def of(cls, config: Any) -> JwtPolicy:
+        """From an ``envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication``; raises
+        :class:`JwtError` for what libmesh cannot honour (the listener is then NACKed)."""
+        rules = []
+        for name, provider in sorted(config.providers.items()):
+            jwks = None
+            uri = ""
+            timeout = 5.0
+            cache = 600.0
+            if provider.HasField("local_jwks"):
+                jwks = Jwks.parse(provider.local_jwks.inline_string)
+            elif provider.HasField("remote_jwks"):
+                remote = provider.remote_jwks
+                uri = remote.http_uri.uri
+                if remote.http_uri.HasField("timeout"):
+                    timeout = remote.http_uri.timeout.ToNanoseconds() / 1e9 or timeout
+                if remote.HasField("cache_duration"):
+                    cache = remote.cache_duration.ToNanoseconds() / 1e9 or cache
+            else:
+                raise JwtError(f"jwt provider {name}: no local_jwks and no remote_jwks")
+            rules.append(
+                JwtRule(
+                    name=name,
+                    issuer=provider.issuer,
+                    audiences=tuple(provider.audiences),
+                    from_headers=tuple(
+                        (h.name.lower(), h.value_prefix) for h in provider.from_headers
+                    ),
+                    from_params=tuple(provider.from_params),
+                    jwks=jwks,
+                    jwks_uri=uri,
+                    fetch_timeout=timeout,
+                    cache_duration=cache,
+                    forward=provider.forward,
+                    claim_to_headers=tuple(
+                        (c.header_name, c.claim_name) for c in provider.claim_to_headers
+                    ),
+                )
+            )
+        allow_missing = (
+            any(
+                requirement.HasField("allow_missing")
+                or requirement.HasField("allow_missing_or_failed")
+                for rule in config.rules
+                for requirement in rule.requires.requires_any.requirements
+            )
+            or not config.rules
+        )
+        return cls(tuple(rules), allow_missing)
+
+    def token(
+        self, headers: Mapping[str, str], query: Mapping[str, str]
+    ) -> tuple[JwtRule, str] | None:
+        """The token the request carries, with the provider to check it: among the providers
+        that find one, the one whose issuer the token names (as Envoy picks by ``iss``)."""
+        found = [(rule, t) for rule in self.rules if (t := rule.extract(headers, query))]
+        if len(found) > 1:
+            issuer = _unverified_issuer(found[0][1])
+            for candidate in found:
+                if candidate[0].issuer == issuer:
+                    return candidate
+        return found[0] if found else None
+
+
+def _extract(
+    from_headers: Sequence[tuple[str, str]],
+    from_params: Sequence[str],
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+) -> str | None:
+    for name, prefix in from_headers:
+        value = headers.get(name.lower())
+        if value is not None and value.startswith(prefix):
+            return value[len(prefix) :].strip()
+    for name in from_params:
+        if name in query:
+            return query[name]
+    return None
+
+
+def _unverified_issuer(token: str) -> str:
+    """``iss`` of a token, read without checking anything (to pick the provider)."""
+    try:
+        claims = json.loads(_b64(token.split(".")[1]))
+    except (ValueError, binascii.Error, IndexError):
+        return ""
+    return str(claims.get("iss", "")) if isinstance(claims, dict) else ""

@@ -130,12 +130,13 @@ class Telemetry:
         client_address: str = "",
         span_name: str | None = None,
         peer_principal: str = "",
+        request_principal: str = "",
     ) -> InboundRequest:
         """Start observing one inbound request; ``headers`` must have lower-case names;
         ``peer_principal`` is the caller's SPIFFE ID, verified by mutual TLS."""
         return InboundRequest(
             self, method, path, authority, headers, protocol, client_address, span_name,
-            peer_principal,
+            peer_principal, request_principal,
         )  # fmt: skip
 
     def render_metrics(self) -> str:
@@ -449,6 +450,7 @@ class InboundRequest:
         client_address: str,
         span_name: str | None,
         peer_principal: str = "",
+        request_principal: str = "",
     ) -> None:
         self._telemetry = telemetry
         self._method = method
@@ -472,7 +474,7 @@ class InboundRequest:
             else None
         )
         self.inbound = Inbound(
-            self.request_id, source or _UNKNOWN_PEER, peer_principal, headers=headers
+            self.request_id, source or _UNKNOWN_PEER, peer_principal, request_principal, headers
         )
         self._span: ServerSpan | None = None
         self._token: contextvars.Token[Inbound | None] | None = None

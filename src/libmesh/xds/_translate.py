@@ -78,6 +78,7 @@ from ..config._networking import (
 )
 from ..config._rules import HTTP_PROTOCOLS, is_number
 from ._inbound import INBOUND_LISTENER, inbound_listener, peer_authentication_modes
+from ._jwt import jwt_authn_filter
 from ._rbac import rbac_filters
 from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Locality, Node, Snapshot
 from ._tls import (
@@ -395,8 +396,9 @@ class _Translator:
         return Snapshot.of(self.resources, serialized)
 
     def _build_inbound_listener(self) -> None:
-        """What this workload accepts from its callers: PeerAuthentication (which transports)
-        and AuthorizationPolicy (who, as RBAC filters)."""
+        """What this workload accepts from its callers: PeerAuthentication (which transports),
+        RequestAuthentication (which tokens, as jwt_authn) and AuthorizationPolicy (who, as
+        RBAC filters)."""
         node = self.node
         modes = peer_authentication_modes(
             self.config, node.namespace, node.labels, self.root_namespace
@@ -408,7 +410,16 @@ class _Translator:
             root_namespace=self.root_namespace,
             trust_domain=self.trust_domain,
         )
-        self.resources[LISTENER][INBOUND_LISTENER] = inbound_listener(modes, rbac.http_filters())
+        authentication = jwt_authn_filter(
+            self.config.of_kind("RequestAuthentication"),
+            namespace=node.namespace,
+            labels=node.labels,
+            root_namespace=self.root_namespace,
+        )
+        filters = (authentication,) if authentication is not None else ()
+        self.resources[LISTENER][INBOUND_LISTENER] = inbound_listener(
+            modes, (*filters, *rbac.http_filters())
+        )
 
     # incremental translation ----------------------------------------------------------------
 
