@@ -33,6 +33,11 @@ __all__ = ["CAError", "CertificateAuthority"]
 
 ROOT_CERT = "root-cert.pem"
 ROOT_KEY = "root-key.pem"
+# a root rotation's other roots, trusted beside the signing one (see rotate_* below)
+NEXT_ROOT_CERT = "next-root-cert.pem"
+NEXT_ROOT_KEY = "next-root-key.pem"
+PREVIOUS_ROOT_CERT = "previous-root-cert.pem"
+_ROTATION_FILES = (ROOT_CERT, ROOT_KEY, NEXT_ROOT_CERT, PREVIOUS_ROOT_CERT)
 ROOT_LIFETIME = datetime.timedelta(days=3650)
 CLOCK_SKEW = datetime.timedelta(minutes=1)  # leaves are valid from a little before "now"
 
@@ -71,6 +76,10 @@ class CertificateAuthority:
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
         self._clock = clock
+        self._directory: Path | None = None  # a root kept in a directory follows rotations
+        self._stamp: tuple[tuple[str, int], ...] = ()
+        self._other_roots: tuple[x509.Certificate, ...] = ()
+        self.generation = 0  # bumped when the signer or the trusted roots change
 
     # making and loading ---------------------------------------------------------------------
 
@@ -93,7 +102,34 @@ class CertificateAuthority:
         certificate = _load_certificate(cert_path)
         key = _load_key(key_path)
         _check_signer(certificate, key, cert_path)
-        return cls(_Signer(certificate, key, (certificate,)), trust_domain, clock=clock, **options)
+        ca = cls(_Signer(certificate, key, (certificate,)), trust_domain, clock=clock, **options)
+        ca._directory = directory
+        ca._stamp = _stamp(directory)
+        ca._other_roots = _other_roots(directory)
+        return ca
+
+    def refresh(self) -> bool:
+        """Follow a root rotation made in the CA's directory (``meshctl ca rotate``): reload
+        the signing root and the other trusted roots when their files changed. Cheap (a stat
+        per file); a half-written change keeps the current state and is read next time."""
+        directory = self._directory
+        if directory is None:
+            return False
+        stamp = _stamp(directory)
+        if stamp == self._stamp:
+            return False
+        try:
+            certificate = _load_certificate(directory / ROOT_CERT)
+            key = _load_key(directory / ROOT_KEY)
+            _check_signer(certificate, key, directory / ROOT_CERT)
+            others = _other_roots(directory)
+        except CAError:
+            return False
+        self._signer = _Signer(certificate, key, (certificate,))
+        self._other_roots = others
+        self._stamp = stamp
+        self.generation += 1
+        return True
 
     @classmethod
     def plug_in(
@@ -120,8 +156,9 @@ class CertificateAuthority:
 
     @property
     def roots(self) -> list[x509.Certificate]:
-        """The trust bundle: the root the chain ends at."""
-        return [self._signer.chain[-1]]
+        """The trust bundle: the root the chain ends at, and during a root rotation the root
+        coming in (before it signs) or going out (while its SVIDs live)."""
+        return [self._signer.chain[-1], *self._other_roots]
 
     @property
     def intermediates(self) -> list[x509.Certificate]:
@@ -202,9 +239,11 @@ class CertificateAuthority:
             )
             .sign(signer.key, hashes.SHA256())
         )
+        # Istio's answer is the chain up to the root; the other trusted roots follow it, so a
+        # workload learns a rotation's roots with its SVID (each root is self-signed)
         return [
             c.public_bytes(serialization.Encoding.PEM).decode("ascii")
-            for c in (leaf, *signer.chain)
+            for c in (leaf, *signer.chain, *self._other_roots)
         ]
 
     def serving_certificate(self, hosts: list[str], identity: SpiffeId) -> tuple[bytes, bytes]:
@@ -282,6 +321,86 @@ def _new_root(
         .sign(key, hashes.SHA256())
     )
     return key, certificate
+
+
+def _stamp(directory: Path) -> tuple[tuple[str, int], ...]:
+    stamps = []
+    for name in _ROTATION_FILES:
+        try:
+            stamps.append((name, (directory / name).stat().st_mtime_ns))
+        except FileNotFoundError:
+            stamps.append((name, 0))
+    return tuple(stamps)
+
+
+def _other_roots(directory: Path) -> tuple[x509.Certificate, ...]:
+    return tuple(
+        _load_certificate(directory / name)
+        for name in (NEXT_ROOT_CERT, PREVIOUS_ROOT_CERT)
+        if (directory / name).exists()
+    )
+
+
+# -- root rotation, in three steps with overlap (meshctl ca rotate prepare|activate|finish) ------
+
+
+def rotate_prepare(directory: Path, trust_domain: str = "cluster.local") -> x509.Certificate:
+    """Step 1: make the next root. It is trusted at once (workloads get it with their next
+    SVID) but signs nothing yet. Wait until every workload has renewed (half an SVID
+    lifetime) before :func:`rotate_activate`."""
+    _require_root(directory)
+    if (directory / NEXT_ROOT_KEY).exists():
+        raise CAError(
+            f"a root rotation is already prepared in {directory}: activate it "
+            "(meshctl ca rotate activate) or remove next-root-*.pem"
+        )
+    if (directory / PREVIOUS_ROOT_CERT).exists():
+        raise CAError(
+            f"the last rotation in {directory} is not finished: the previous root is still "
+            "trusted (meshctl ca rotate finish, once its SVIDs have expired)"
+        )
+    key, certificate = _new_root(trust_domain, _now())
+    write_private(directory / NEXT_ROOT_KEY, _key_pem(key))
+    _write_public(directory / NEXT_ROOT_CERT, certificate)
+    return certificate
+
+
+def rotate_activate(directory: Path) -> x509.Certificate:
+    """Step 2: the next root signs from now on; the old one stays trusted until the SVIDs it
+    signed have expired (the longest SVID lifetime), then :func:`rotate_finish`."""
+    _require_root(directory)
+    if not (directory / NEXT_ROOT_KEY).exists():
+        raise CAError(
+            f"no prepared root in {directory}: run meshctl ca rotate prepare first, and "
+            "activate once every workload has renewed its SVID"
+        )
+    certificate = _load_certificate(directory / NEXT_ROOT_CERT)
+    _check_signer(certificate, _load_key(directory / NEXT_ROOT_KEY), directory / NEXT_ROOT_CERT)
+    os.replace(directory / ROOT_CERT, directory / PREVIOUS_ROOT_CERT)
+    os.replace(directory / NEXT_ROOT_KEY, directory / ROOT_KEY)  # the old key is gone
+    os.replace(directory / NEXT_ROOT_CERT, directory / ROOT_CERT)
+    return certificate
+
+
+def rotate_finish(directory: Path) -> x509.Certificate:
+    """Step 3: stop trusting the previous root."""
+    previous = directory / PREVIOUS_ROOT_CERT
+    if not previous.exists():
+        raise CAError(f"no previous root in {directory}: no rotation is waiting to finish")
+    certificate = _load_certificate(previous)
+    previous.unlink()
+    return certificate
+
+
+def _require_root(directory: Path) -> None:
+    if not (directory / ROOT_KEY).exists():
+        raise CAError(f"no CA in {directory}: start meshd with --ca-dir {directory} first")
+
+
+def _write_public(path: Path, certificate: x509.Certificate) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    os.replace(temporary, path)
 
 
 def _key_pem(key: SigningKey) -> bytes:

@@ -84,6 +84,12 @@ class CertificateService:
             if request.validity_duration > 0
             else None
         )
+        if self.ca.refresh():
+            logger.info(
+                "meshd: the CA's roots changed (a rotation): signing with %s, trusting %d",
+                self.ca.roots[0].subject.rfc4514_string(),
+                len(self.ca.roots),
+            )
         try:
             chain = self.ca.sign(request.csr, identity, ttl)
         except CAError as exc:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from cryptography.hazmat.primitives import hashes
+
 from libmesh import ConfigError, __version__
 from libmesh.config import Finding, LoadResult, Severity, analyze, load, load_mesh_settings
 
@@ -132,6 +134,32 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--trust-domain", default="cluster.local")
     create.set_defaults(run=_token_create)
     token.set_defaults(run=lambda args, out, err: _usage(token, err))
+
+    ca = commands.add_parser(
+        "ca",
+        help="meshd's certificate authority: rotate its root",
+        description="meshd's certificate authority, in its CA directory.",
+    )
+    ca_commands = ca.add_subparsers(dest="ca_command", metavar="COMMAND")
+    rotate = ca_commands.add_parser(
+        "rotate",
+        help="replace the root in three steps, without breaking a connection",
+        description=(
+            "Replace the CA's root with an overlap, as the running meshd follows (no restart): "
+            "'prepare' makes the next root and trusts it beside the current one; once every "
+            "workload has renewed its SVID (half its lifetime), 'activate' signs with it and "
+            "keeps trusting the old one; once the SVIDs the old root signed have expired (their "
+            "lifetime), 'finish' stops trusting it."
+        ),
+    )
+    rotate.add_argument("step", choices=["prepare", "activate", "finish"])
+    rotate.add_argument(
+        "--ca-dir", type=Path, default=None, metavar="DIR",
+        help="meshd's --ca-dir (default: meshd's default)",
+    )  # fmt: skip
+    rotate.add_argument("--trust-domain", default="cluster.local")
+    rotate.set_defaults(run=_ca_rotate)
+    ca.set_defaults(run=lambda args, out, err: _usage(ca, err))
     return parser
 
 
@@ -166,6 +194,29 @@ def _token_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"meshctl: {exc}\n")
         return EXIT_FINDINGS
     out.write(issuer.create(identity, ttl) + "\n")
+    return EXIT_OK
+
+
+def _ca_rotate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._ca import CAError, rotate_activate, rotate_finish, rotate_prepare
+    from ._main import _default_ca_dir
+
+    ca_dir = args.ca_dir or _default_ca_dir()
+    try:
+        if args.step == "prepare":
+            root = rotate_prepare(ca_dir, args.trust_domain)
+            then = "now trusted beside the current root; activate once every workload renewed"
+        elif args.step == "activate":
+            root = rotate_activate(ca_dir)
+            then = "now signs; the previous root stays trusted until 'finish'"
+        else:
+            root = rotate_finish(ca_dir)
+            then = "is no longer trusted"
+    except (CAError, OSError) as exc:
+        err.write(f"meshctl: {exc}\n")
+        return EXIT_FINDINGS
+    fingerprint = root.fingerprint(hashes.SHA256()).hex()[:16]
+    out.write(f"root {fingerprint} (valid until {root.not_valid_after_utc:%Y-%m-%d}) {then}\n")
     return EXIT_OK
 
 

@@ -204,11 +204,26 @@ class Meshd:
         host, port = split_address(address, "--secure-xds-address")
         ca = certificates.ca
         meshd_id = SpiffeId.for_workload(ca.trust_domain, self.settings.root_namespace, "meshd")
-        key, chain = ca.serving_certificate(sorted({host, "localhost", "meshd"}), meshd_id)
-        credentials = grpc.ssl_server_credentials(
-            [(key, chain)],
-            root_certificates=ca.bundle_pem().encode("ascii"),
-            require_client_auth=True,
+
+        def configuration() -> Any:
+            key, chain = ca.serving_certificate(sorted({host, "localhost", "meshd"}), meshd_id)
+            return grpc.ssl_server_certificate_configuration(
+                [(key, chain)], root_certificates=ca.bundle_pem().encode("ascii")
+            )
+
+        served = {"generation": ca.generation}
+
+        def fetch() -> Any:
+            """Asked before each handshake: after a root rotation, meshd's own certificate
+            comes from the new signer, and clients of either root are trusted."""
+            ca.refresh()
+            if ca.generation == served["generation"]:
+                return None
+            served["generation"] = ca.generation
+            return configuration()
+
+        credentials = grpc.dynamic_ssl_server_credentials(
+            configuration(), fetch, require_client_authentication=True
         )
         assert self._grpc is not None
         try:

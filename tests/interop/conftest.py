@@ -161,15 +161,32 @@ class EnvoyProcess:
 
 
 def envoy_bootstrap(
-    meshd: MeshdProcess, node_id: str, proxy_port: int, admin_port: int, *, delta: bool
+    meshd: MeshdProcess,
+    node_id: str,
+    proxy_port: int,
+    admin_port: int,
+    *,
+    delta: bool,
+    sds: str | None = None,
 ) -> dict[str, Any]:
     """The README's example bootstrap (examples/meshd/envoy.yaml): Envoy with ADS against
-    meshd, as a sidecar would be bootstrapped, on the given ports."""
+    meshd, as a sidecar would be bootstrapped, on the given ports; with ``sds`` (a Unix socket
+    path), also the README's ``sds-grpc`` cluster (examples/meshd/envoy-sds.yaml) to
+    libmesh's SDS server there."""
     bootstrap = yaml.safe_load((EXAMPLES / "envoy.yaml").read_text())
+    if sds is not None:
+        extra = yaml.safe_load((EXAMPLES / "envoy-sds.yaml").read_text())
+        bootstrap["node"]["metadata"].update(extra["node"]["metadata"])
+        (sds_cluster,) = extra["static_resources"]["clusters"]
+        (group,) = sds_cluster["load_assignment"]["endpoints"]
+        group["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"] = sds
+        bootstrap["static_resources"]["clusters"].append(sds_cluster)
     bootstrap["node"]["id"] = node_id
     bootstrap["node"]["metadata"]["LIBMESH_HTTP_PROXY_ADDRESS"] = f"127.0.0.1:{proxy_port}"
     bootstrap["dynamic_resources"]["ads_config"]["api_type"] = "DELTA_GRPC" if delta else "GRPC"
-    (meshd_cluster,) = bootstrap["static_resources"]["clusters"]
+    (meshd_cluster,) = [
+        c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "meshd"
+    ]
     (locality,) = meshd_cluster["load_assignment"]["endpoints"]
     (endpoint,) = locality["lb_endpoints"]
     endpoint["endpoint"]["address"]["socket_address"]["port_value"] = meshd.xds_port
@@ -184,13 +201,16 @@ def start_envoy(tmp_path: Path) -> Iterator[Callable[..., EnvoyProcess]]:
     started: list[EnvoyProcess] = []
 
     def start(
-        meshd: MeshdProcess, node_id: str = "envoy-1", *, delta: bool = False
+        meshd: MeshdProcess,
+        node_id: str = "envoy-1",
+        *,
+        delta: bool = False,
+        sds: str | None = None,
     ) -> EnvoyProcess:
         proxy_port, admin_port = unused_port(), unused_port()
         config = tmp_path / f"envoy-{node_id}.yaml"
-        config.write_text(
-            yaml.safe_dump(envoy_bootstrap(meshd, node_id, proxy_port, admin_port, delta=delta))
-        )
+        bootstrap = envoy_bootstrap(meshd, node_id, proxy_port, admin_port, delta=delta, sds=sds)
+        config.write_text(yaml.safe_dump(bootstrap))
         log = tmp_path / f"envoy-{node_id}.log"
         process = subprocess.Popen(
             [str(ENVOY), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",

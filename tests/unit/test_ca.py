@@ -231,3 +231,33 @@ def test_a_foreign_ca_a_wrong_trust_domain_and_a_wrong_identity_are_refused(
 def test_a_ca_certificate_cannot_pose_as_a_workload(ca: CertificateAuthority) -> None:
     with pytest.raises(SvidError, match="is a CA"):
         verify_svid(ca.roots, ca.roots, now=NOW)
+
+
+def test_a_root_rotation_trusts_both_roots_through_the_overlap(tmp_path: Path) -> None:
+    from meshd._ca import rotate_activate, rotate_finish, rotate_prepare
+
+    ca = CertificateAuthority.load_or_create(tmp_path)
+    old = ca.roots[0]
+    web = SpiffeId.for_workload("cluster.local", "shop", "web")
+    key = new_private_key()
+
+    new = rotate_prepare(tmp_path)
+    assert ca.refresh()
+    assert ca.roots == [old, new]  # trusted before it signs
+    chain = chain_of(ca.sign(csr_pem(key, web), web))
+    assert chain[1:] == [old, new]  # signed by the old root; the new one rides along
+    assert verify_svid(chain[:2], [old, new]) == web
+    assert not ca.refresh()  # nothing changed since
+
+    rotate_activate(tmp_path)
+    assert ca.refresh()
+    assert ca.roots == [new, old]
+    chain = chain_of(ca.sign(csr_pem(key, web), web))
+    assert verify_svid(chain[:2], [new]) == web  # the new root signs now
+    assert stat.S_IMODE((tmp_path / "root-key.pem").stat().st_mode) == 0o600
+
+    rotate_finish(tmp_path)
+    assert ca.refresh()
+    assert ca.roots == [new]
+    with pytest.raises(CAError, match="no rotation is waiting"):
+        rotate_finish(tmp_path)

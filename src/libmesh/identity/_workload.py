@@ -210,9 +210,11 @@ class WorkloadIdentity:
         chain = [x509.load_pem_x509_certificate(p.encode("ascii")) for p in response.cert_chain]
         if not chain:
             raise SvidError("the CA answered with no certificate")
-        bundle = [chain[-1]]  # the CA's root ends the chain it returns
-        spiffe_id = verify_svid(chain, bundle, now=self._clock(), expected=self.identity)
-        svid = Svid(spiffe_id, tuple(chain), key)
+        # The chain ends at the CA's root; during a root rotation meshd appends the other
+        # roots it trusts. Every self-signed certificate is a root of the bundle.
+        path, bundle = _split_roots(chain)
+        spiffe_id = verify_svid(path, bundle, now=self._clock(), expected=self.identity)
+        svid = Svid(spiffe_id, tuple(path), key)
         with self._changed:
             self._svid = svid
             self._issued = self._clock()
@@ -263,6 +265,17 @@ class WorkloadIdentity:
             left = (svid.expires - self._clock()).total_seconds()
             delay = min(delay, max(low, left / 4))
         return float(delay * (0.5 + self._rng.random() / 2))
+
+
+def _split_roots(
+    chain: list[x509.Certificate],
+) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """(the leaf's chain up to its root, every root given)."""
+    roots = [c for c in chain[1:] if c.issuer == c.subject]
+    if not roots:
+        return chain, [chain[-1]]
+    end = chain.index(roots[0]) + 1
+    return chain[:end], roots
 
 
 def _create(channel: grpc.Channel) -> Any:

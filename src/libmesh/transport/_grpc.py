@@ -1214,10 +1214,15 @@ def xds_bootstrap(
     locality: str | None = None,
     service_account: str | None = None,
     node_id: str | None = None,
+    certificates: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """The bootstrap grpcio's xDS client needs to talk to meshd at ``xds_address`` (default:
     ``LIBMESH_XDS_ADDRESS``, else ``127.0.0.1:15010``), describing this process as
-    ``Mesh.connect`` would (the same arguments and ``LIBMESH_*`` variables)."""
+    ``Mesh.connect`` would (the same arguments and ``LIBMESH_*`` variables).
+
+    ``certificates``: a directory where ``WorkloadIdentity.write_files`` keeps the SVID; it
+    becomes the ``file_watcher`` certificate provider ``default`` that meshd's clusters and
+    listeners name for mTLS (``ISTIO_MUTUAL``), as Istio's proxyless gRPC bootstrap has it."""
     from .._mesh import DEFAULT_XDS_ADDRESS, node_from_environment  # _mesh imports this module
 
     node = node_from_environment(
@@ -1247,7 +1252,7 @@ def xds_bootstrap(
     }
     if where:
         node_json["locality"] = where
-    return {
+    bootstrap: dict[str, Any] = {
         "xds_servers": [
             {
                 "server_uri": address,
@@ -1257,6 +1262,32 @@ def xds_bootstrap(
         ],
         "node": node_json,
     }
+    if certificates is not None:
+        directory = os.path.abspath(certificates)
+        bootstrap["certificate_providers"] = {
+            "default": {
+                "plugin_name": "file_watcher",
+                "config": {
+                    "certificate_file": os.path.join(directory, "cert-chain.pem"),
+                    "private_key_file": os.path.join(directory, "key.pem"),
+                    "ca_certificate_file": os.path.join(directory, "root-cert.pem"),
+                    "refresh_interval": "1s",
+                },
+            }
+        }
+    return bootstrap
+
+
+def _xds_credentials(certificates: object) -> grpc.ChannelCredentials | None:
+    """grpcio's xDS credentials (TLS as the cluster says, plaintext otherwise) when the
+    bootstrap names certificates."""
+    if certificates is None:
+        return None
+    import grpc.experimental
+
+    return grpc.xds_channel_credentials(
+        fallback_credentials=grpc.experimental.insecure_channel_credentials()  # type: ignore[no-untyped-call]
+    )
 
 
 def _install_bootstrap(bootstrap: dict[str, Any]) -> None:
@@ -1308,6 +1339,7 @@ def xds_channel(
     locality: str | None = None,
     service_account: str | None = None,
     node_id: str | None = None,
+    certificates: str | os.PathLike[str] | None = None,
     options: Sequence[tuple[str, Any]] | None = None,
     compression: grpc.Compression | None = None,
 ) -> grpc.Channel:
@@ -1317,7 +1349,9 @@ def xds_channel(
 
     grpcio reads its bootstrap once per process: every call must describe the same node, and
     raises :class:`~libmesh.ConfigError` if ``GRPC_XDS_BOOTSTRAP`` or
-    ``GRPC_XDS_BOOTSTRAP_CONFIG`` already names a different one.
+    ``GRPC_XDS_BOOTSTRAP_CONFIG`` already names a different one. With ``certificates`` (the
+    SVID's directory), the channel uses grpcio's xDS credentials: mTLS where meshd's cluster
+    asks for it, with the server's SPIFFE ID checked against the cluster's SANs.
     """
     _install_bootstrap(
         xds_bootstrap(
@@ -1327,8 +1361,12 @@ def xds_channel(
             locality=locality,
             service_account=service_account,
             node_id=node_id,
+            certificates=certificates,
         )
     )
+    credentials = _xds_credentials(certificates)
+    if credentials is not None:
+        return grpc.secure_channel(_xds_target(target), credentials, options, compression)
     return grpc.insecure_channel(_xds_target(target), options, compression)
 
 
@@ -1341,6 +1379,7 @@ def xds_aio_channel(
     locality: str | None = None,
     service_account: str | None = None,
     node_id: str | None = None,
+    certificates: str | os.PathLike[str] | None = None,
     options: Sequence[tuple[str, Any]] | None = None,
     compression: grpc.Compression | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
@@ -1354,6 +1393,12 @@ def xds_aio_channel(
             locality=locality,
             service_account=service_account,
             node_id=node_id,
+            certificates=certificates,
         )
     )
+    credentials = _xds_credentials(certificates)
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            _xds_target(target), credentials, options, compression, interceptors
+        )
     return grpc.aio.insecure_channel(_xds_target(target), options, compression, interceptors)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from envoy.config.core.v3 import config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -28,7 +27,7 @@ from google.protobuf import any_pb2
 
 from ..config import ConfigSet, Resource, labels_match
 from ..config._security import MutualTLSMode, PeerAuthentication
-from ._tls import ROOT_SECRET, SVID_SECRET, TLS_SOCKET
+from ._tls import ROOT_SECRET, SVID_SECRET, TLS_SOCKET, sds_secret
 
 __all__ = ["INBOUND_LISTENER", "inbound_listener", "peer_authentication_modes"]
 
@@ -127,9 +126,7 @@ def _downstream_mtls() -> tls_pb2.DownstreamTlsContext:
         (common.tls_certificate_sds_secret_configs.add(), SVID_SECRET),
         (common.validation_context_sds_secret_config, ROOT_SECRET),
     ):
-        config.name = name
-        config.sds_config.ads.SetInParent()
-        config.sds_config.resource_api_version = config_source_pb2.V3
+        sds_secret(config, name)
     common.alpn_protocols.extend(("h2", "http/1.1"))
     return context
 

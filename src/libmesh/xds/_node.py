@@ -12,6 +12,9 @@ sidecar does:
 ``POD_PORTS``                   the ports it serves, a JSON list of
                                 ``{"name": "http", "containerPort": 8080}``
 ``LIBMESH_HTTP_PROXY_ADDRESS``  for Envoy: where its HTTP listener binds (``host:port``)
+``LIBMESH_SDS``                 for Envoy: ``"true"`` when its bootstrap has the ``sds-grpc``
+                                cluster (libmesh's SDS server): only then do its clusters use
+                                the mesh's mTLS, whose certificates come from there
 ==============================  =============================================================
 
 ``Node.locality`` is the workload's locality. The client's kind comes from
@@ -50,6 +53,7 @@ WORKLOAD_NAME = "WORKLOAD_NAME"
 INSTANCE_IPS = "INSTANCE_IPS"
 POD_PORTS = "POD_PORTS"
 HTTP_PROXY_ADDRESS = "LIBMESH_HTTP_PROXY_ADDRESS"
+SDS = "LIBMESH_SDS"
 USER_AGENT = "libmesh"
 # Istio's: a workload reports its health on its ADS stream as a request of this type, healthy
 # without error_detail, unhealthy with it.
@@ -112,6 +116,7 @@ def node_from_proto(proto: base_pb2.Node) -> tuple[Node, Registration | None]:
         service_account=_string(metadata, SERVICE_ACCOUNT) or "default",
         flavor=flavor,
         http_proxy_address=_string(metadata, HTTP_PROXY_ADDRESS) or "127.0.0.1:15001",
+        sds=str(metadata.get(SDS, "")).lower() == "true" if flavor == "envoy" else True,
     )
     if flavor == "envoy":
         _check_address(node.http_proxy_address)

@@ -82,6 +82,9 @@ class Node:
     # instead of the socketless ones, which Envoy accepts only in its bootstrap).
     flavor: str = "libmesh"
     http_proxy_address: str = "127.0.0.1:15001"
+    # Whether it can get the mesh's certificates: libmesh and grpcio hold their own; an Envoy
+    # only with an SDS server beside it (node metadata LIBMESH_SDS).
+    sds: bool = True
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVORS:

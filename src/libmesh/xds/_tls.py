@@ -14,6 +14,7 @@ auto mTLS for mesh services.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2
@@ -28,12 +29,14 @@ from ..config._networking import ClientTLSSettings, TLSMode
 __all__ = [
     "ISTIO_MUTUAL_ALPN",
     "ROOT_SECRET",
+    "SDS_CLUSTER",
     "SVID_SECRET",
     "TLS_MODE_LABEL",
     "TLS_SOCKET",
     "TRANSPORT_SOCKET_MATCH",
     "apply_upstream_tls",
     "expected_identities",
+    "sds_secret",
 ]
 
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
@@ -42,6 +45,7 @@ TLS_SOCKET = "envoy.transport_sockets.tls"
 SVID_SECRET = "default"  # Istio's SDS name for the workload's certificate and key
 ROOT_SECRET = "ROOTCA"  # ... and for the mesh's trust bundle
 ISTIO_MUTUAL_ALPN = ("istio-peer-exchange", "istio")
+SDS_CLUSTER = "sds-grpc"  # the bootstrap's cluster for the local SDS server, as in Istio
 
 
 def expected_identities(
@@ -67,11 +71,16 @@ def apply_upstream_tls(
     sni: str,
     auto: bool,
     flavor: str,
+    certificates: bool = True,
 ) -> None:
     """Set ``cluster``'s transport socket(s) from the DestinationRule's ``tls`` (the port's or
-    subset's, already merged); ``auto``: the service may use auto mTLS."""
+    subset's, already merged); ``auto``: the service may use auto mTLS; ``certificates``: the
+    client can get the mesh's certificates (an Envoy without an SDS server cannot: it is given
+    no mesh mTLS, rather than clusters that wait for secrets that never come)."""
     mode = tls.mode if tls is not None else None
     if mode is TLSMode.DISABLE:
+        return
+    if not certificates and (mode is TLSMode.ISTIO_MUTUAL or mode is None):
         return
     if mode is TLSMode.ISTIO_MUTUAL:
         names = tls.subject_alt_names if tls is not None and tls.subject_alt_names else sans
@@ -118,23 +127,37 @@ def _istio_mutual(sans: Sequence[str], sni: str, flavor: str) -> tls_pb2.Upstrea
     context = tls_pb2.UpstreamTlsContext(sni=sni)
     common = context.common_tls_context
     validation = common.combined_validation_context
-    validation.default_validation_context.match_typed_subject_alt_names.extend(_san_matchers(sans))
-    if flavor == "grpc":
+    if flavor == "grpc":  # grpcio reads the untyped matchers (gRFC A29)
+        validation.default_validation_context.match_subject_alt_names.extend(
+            string_pb2.StringMatcher(exact=name) for name in sans
+        )
         common.tls_certificate_provider_instance.instance_name = SVID_SECRET
         common.tls_certificate_provider_instance.certificate_name = SVID_SECRET
         provider = validation.default_validation_context.ca_certificate_provider_instance
         provider.instance_name = SVID_SECRET
         provider.certificate_name = ROOT_SECRET
         return context
+    validation.default_validation_context.match_typed_subject_alt_names.extend(_san_matchers(sans))
     common.alpn_protocols.extend(ISTIO_MUTUAL_ALPN)
     for config, name in (
         (common.tls_certificate_sds_secret_configs.add(), SVID_SECRET),
         (validation.validation_context_sds_secret_config, ROOT_SECRET),
     ):
-        config.name = name
-        config.sds_config.ads.SetInParent()
-        config.sds_config.resource_api_version = config_source_pb2.V3
+        sds_secret(config, name)
     return context
+
+
+def sds_secret(config: Any, name: str) -> None:
+    """Name an SDS secret as Istio's proxies find it: from the node agent, cluster
+    ``sds-grpc`` of the bootstrap (libmesh's ``SdsServer``; libmesh itself reads the name)."""
+    config.name = name
+    source = config.sds_config
+    source.resource_api_version = config_source_pb2.V3
+    api = source.api_config_source
+    api.api_type = config_source_pb2.ApiConfigSource.GRPC
+    api.transport_api_version = config_source_pb2.V3
+    api.set_node_on_first_message_only = True
+    api.grpc_services.add().envoy_grpc.cluster_name = SDS_CLUSTER
 
 
 def _originate(tls: ClientTLSSettings, mode: TLSMode) -> tls_pb2.UpstreamTlsContext:

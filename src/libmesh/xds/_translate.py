@@ -179,6 +179,7 @@ def translation_key(node: Node, labels: frozenset[str]) -> Node:
         service_account="",
         flavor=node.flavor,
         http_proxy_address=node.http_proxy_address if node.flavor == "envoy" else "",
+        sds=node.sds,
     )
 
 
@@ -627,6 +628,7 @@ class _Translator:
             sni=f"outbound_.{port.number}_.{subset}_.{service.host}",
             auto=service.location is ServiceEntryLocation.MESH_INTERNAL,
             flavor=self.node.flavor,
+            certificates=self.node.sds,
         )
         cluster.metadata.filter_metadata["istio"].update(
             {"services": [{"host": service.host, "namespace": service.namespace}]}

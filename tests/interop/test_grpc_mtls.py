@@ -1,0 +1,120 @@
+"""grpcio's own xDS client and a grpcio server in mutual TLS with SVIDs from meshd: the client's
+certificates through the file_watcher provider (written by libmesh's WorkloadIdentity), the
+server's through libmesh's rotating server credentials, the server's SPIFFE ID checked by grpcio
+against the SANs meshd puts in the cluster, and the server's interceptor enforcing
+AuthorizationPolicy on the client's SPIFFE ID."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import unused_port
+from tests.integration.test_mtls import token
+from tests.meshd_process import MeshdProcess
+
+StartMeshd = Callable[..., MeshdProcess]
+TARGET = "echo.shop.svc.cluster.local:8080"
+WEB = "spiffe://cluster.local/ns/shop/sa/web"
+
+
+def mesh(port: int, sans: str = "") -> str:
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: shop}}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: grpc, protocol: GRPC}}]
+  workloadSelector: {{labels: {{app: echo}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: echo-1, namespace: shop}}
+spec:
+  address: 127.0.0.1
+  ports: {{grpc: {port}}}
+  labels: {{app: echo, security.istio.io/tlsMode: istio}}
+  serviceAccount: echo
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: shop}}
+spec:
+  host: echo.shop.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL{sans}}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: echo-callers, namespace: shop}}
+spec:
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/web]}}}}]}}]
+"""
+
+
+def client(meshd: MeshdProcess, account: str, calls: int = 3) -> list[dict[str, str]]:
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.mesh_grpc", "client", meshd.xds_address,
+         token(meshd, "shop", account), account, TARGET, str(calls)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+def start_server(meshd: MeshdProcess, port: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.mesh_grpc", "server", meshd.xds_address,
+         token(meshd, "shop", "echo"), str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.strip() == "serving", line + process.stdout.read()
+    return process
+
+
+def stop(server: subprocess.Popen[str]) -> str:
+    server.terminate()
+    output, _ = server.communicate(timeout=10)
+    return output
+
+
+def test_grpc_xds_client_and_server_run_mtls_with_svids_and_authorization(
+    tmp_path: Path, start_meshd: StartMeshd
+) -> None:
+    port = unused_port()
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port))
+    meshd = start_meshd(tmp_path / "mesh")
+    server = start_server(meshd, port)
+    try:
+        time.sleep(0.5)  # the server's policies from meshd
+        assert client(meshd, "web") == [{"peer": WEB}] * 3
+        denied = client(meshd, "intruder", calls=1)
+        assert denied == [{"code": "PERMISSION_DENIED", "details": "RBAC: access denied"}]
+    finally:
+        stop(server)
+
+
+def test_grpc_xds_client_refuses_a_server_whose_spiffe_id_is_not_expected(
+    tmp_path: Path, start_meshd: StartMeshd
+) -> None:
+    port = unused_port()
+    (tmp_path / "mesh").mkdir()
+    other = ", subjectAltNames: [spiffe://cluster.local/ns/shop/sa/billing]"
+    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port, other))
+    meshd = start_meshd(tmp_path / "mesh")
+    server = start_server(meshd, port)
+    try:
+        [answer] = client(meshd, "web", calls=1)
+        assert answer["code"] == "UNAVAILABLE", answer
+    finally:
+        stop(server)
