@@ -154,6 +154,8 @@ def test_auto_mtls_the_server_sees_the_callers_spiffe_id(
         with mesh.client() as client:
             answers = [client.get(PAY).json()["peer"] for _ in range(5)]
         assert answers == [WEB_ID] * 5
+        # Istio's metrics name the caller by its SPIFFE ID
+        assert f'source_principal="{WEB_ID}"' in mesh.telemetry.render_metrics()
         # plain httpx, no mesh: plaintext, which the default PERMISSIVE mode takes
         direct = httpx.get(f"http://127.0.0.1:{pay.port}/", timeout=5)
         assert direct.json() == {"peer": ""}

@@ -93,6 +93,7 @@ class Telemetry:
         self.istio = IstioMetrics(self.registry)
         self.propagation = propagation or Propagation.from_environment(env)
         self.access_log = access_log or AccessLog.from_environment(env.get("LIBMESH_ACCESS_LOG"))
+        self._node = node
         self.local = Peer.of_node(node)
         self._peer = encode_peer(node, self.local.workload, self.local.cluster)
         self._own = _OwnMetrics(self.registry, clusters, config_version)
@@ -143,7 +144,9 @@ class Telemetry:
         return self.registry.render()
 
     def watch_identity(self, identity: Any) -> None:
-        """Export the workload SVID's expiry (``libmesh_svid_expiry_timestamp_seconds``) and
+        """This workload is ``identity`` (a WorkloadIdentity): its SPIFFE ID becomes the
+        ``destination_principal`` of what it serves, as Istio reports it. And export the SVID's
+        expiry (``libmesh_svid_expiry_timestamp_seconds``) and
         its renewals, read from ``identity`` (a WorkloadIdentity) at each scrape."""
         expiry = self.registry.gauge(
             "libmesh_svid_expiry_timestamp_seconds",
@@ -153,6 +156,8 @@ class Telemetry:
         renewals = self.registry.counter(
             "libmesh_svid_renewals_total", "SVIDs received from the CA.", ["spiffe_id"]
         )
+        self.local = Peer.of_node(self._node, principal=str(identity.identity))
+        self._served.clear()
 
         def collect() -> None:
             svid = identity.current()
