@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from libmesh.config import Codes, Loader, LoadResult, Resource, ResourceRef
+from libmesh.config import Codes, Loader, LoadResult, Resource, ResourceRef, load_text
 
 ENTRY = """\
 apiVersion: networking.istio.io/v1
@@ -106,3 +106,19 @@ def test_a_same_size_rewrite_within_one_clock_tick_is_still_seen(tmp_path: Path)
 
     assert loader.changed()
     assert _address(loader.load(), "a") == "10.0.0.2"
+
+
+def test_an_empty_value_under_a_number_tag_is_a_finding_not_a_crash() -> None:
+    # PyYAML's own float and int constructors index into the empty string
+    result = load_text(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n"
+        "metadata: {name: d, namespace: x}\n"
+        "spec:\n  address: 1.2.3.4\n  network: !!float ''\n  weight: !!int ''\n",
+        "mesh.yaml",
+    )
+    assert [e.format() for e in result.errors] == [
+        "mesh.yaml:6: WorkloadEntry x/d: spec.network: this value cannot be read as its tag "
+        "!!float says (IndexError)",
+        "mesh.yaml:7: WorkloadEntry x/d: spec.weight: this value cannot be read as its tag "
+        "!!int says (IndexError)",
+    ]

@@ -131,7 +131,8 @@ def construct(node: yaml.Node) -> Any:
         return _Constructor().construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
         raise UnreadableValue(f"this value cannot be read: {exc.problem}") from exc
-    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+    except (ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
+        # (PyYAML's own constructors fail so on e.g. ``!!float ''`` or ``!!int ''``)
         tag = node.tag.rpartition(":")[2] if node.tag else "?"
         raise UnreadableValue(
             f"this value cannot be read as its tag !!{tag} says ({type(exc).__name__})"

@@ -26,6 +26,7 @@ from ._authorization import RBAC_DENIED, report_decision
 __all__ = ["ASGIApp", "MeshMiddleware", "metrics_asgi_app"]
 
 _REQUEST_ID = REQUEST_ID.encode()
+_NO_HEADERS: list[tuple[bytes, bytes]] = []  # (never changed: _Exchange only reads it)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -140,7 +141,11 @@ class MeshMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["libmesh"] = request.inbound
-        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.response_headers()]
+        extra = (
+            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.response_headers()]
+            if request.exchanged
+            else _NO_HEADERS
+        )
         exchange = _Exchange(receive, send, extra, grpc)
         with request:
             try:

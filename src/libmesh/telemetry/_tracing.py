@@ -138,14 +138,13 @@ class Propagation:
 def new_request_id() -> str:
     """A request id shaped like the random UUID Envoy generates for ``x-request-id``: 80
     random bits drawn once per process (reseeded after a fork) and a 48-bit counter — unique
-    across processes as a random UUID is, several times cheaper to make on every request."""
-    if _state.pid != os.getpid():
-        _state.reseed()
+    across processes as a random UUID is, several times cheaper to make on every request
+    (a forked child draws its own: ``os.register_at_fork`` below)."""
     return f"{_state.prefix}{next(_state.counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 class _RequestIds:
-    __slots__ = ("counter", "pid", "prefix")
+    __slots__ = ("counter", "prefix")
 
     def __init__(self) -> None:
         self.reseed()
@@ -158,10 +157,10 @@ class _RequestIds:
             f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{8 | (int(text[16], 16) & 3):x}{text[17:20]}-"
         )
         self.counter = itertools.count(random.SystemRandom().getrandbits(32))
-        self.pid = os.getpid()
 
 
 _state = _RequestIds()
+os.register_at_fork(after_in_child=_state.reseed)
 
 
 def tracing_enabled() -> bool:
