@@ -345,7 +345,8 @@ def _other_roots(directory: Path) -> tuple[x509.Certificate, ...]:
 
 
 def rotate_prepare(directory: Path, trust_domain: str = "cluster.local") -> x509.Certificate:
-    """Step 1: make the next root. It is trusted at once (workloads get it with their next
+    """Step 1: make the next root, for the current root's trust domain (``trust_domain`` only
+    for a root that names none). It is trusted at once (workloads get it with their next
     SVID) but signs nothing yet. Wait until every workload has renewed (half an SVID
     lifetime) before :func:`rotate_activate`."""
     _require_root(directory)
@@ -359,7 +360,8 @@ def rotate_prepare(directory: Path, trust_domain: str = "cluster.local") -> x509
             f"the last rotation in {directory} is not finished: the previous root is still "
             "trusted (meshctl ca rotate finish, once its SVIDs have expired)"
         )
-    key, certificate = _new_root(trust_domain, _now())
+    current = _load_certificate(directory / ROOT_CERT)
+    key, certificate = _new_root(_trust_domain_of(current) or trust_domain, _now())
     write_private(directory / NEXT_ROOT_KEY, _key_pem(key))
     _write_public(directory / NEXT_ROOT_CERT, certificate)
     return certificate
@@ -390,6 +392,18 @@ def rotate_finish(directory: Path) -> x509.Certificate:
     certificate = _load_certificate(previous)
     previous.unlink()
     return certificate
+
+
+def _trust_domain_of(root: x509.Certificate) -> str | None:
+    """The trust domain a root names (its ``spiffe://<trust-domain>`` URI SAN)."""
+    try:
+        names = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://"):
+            return uri[len("spiffe://") :].rstrip("/") or None
+    return None
 
 
 def _require_root(directory: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from libmesh import __version__
 from libmesh.config import Finding, Loader, LoadResult, Registry, analyze
@@ -205,19 +206,23 @@ class Meshd:
         ca = certificates.ca
         meshd_id = SpiffeId.for_workload(ca.trust_domain, self.settings.root_namespace, "meshd")
 
+        served: dict[str, Any] = {"generation": ca.generation, "renew_at": 0.0}
+
         def configuration() -> Any:
             key, chain = ca.serving_certificate(sorted({host, "localhost", "meshd"}), meshd_id)
+            leaf = x509.load_pem_x509_certificate(chain)
+            start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+            served["renew_at"] = start + (end - start) / 2  # as workloads renew theirs
             return grpc.ssl_server_certificate_configuration(
                 [(key, chain)], root_certificates=ca.bundle_pem().encode("ascii")
             )
 
-        served = {"generation": ca.generation}
-
         def fetch() -> Any:
             """Asked before each handshake: after a root rotation, meshd's own certificate
-            comes from the new signer, and clients of either root are trusted."""
+            comes from the new signer and clients of either root are trusted; past half its
+            lifetime, it is renewed."""
             ca.refresh()
-            if ca.generation == served["generation"]:
+            if ca.generation == served["generation"] and time.time() < served["renew_at"]:
                 return None
             served["generation"] = ca.generation
             return configuration()

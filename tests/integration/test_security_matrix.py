@@ -214,6 +214,7 @@ def web_pki(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
     pem = serialization.Encoding.PEM
+    tmp_path.mkdir(parents=True, exist_ok=True)
     paths = (tmp_path / "web-ca.pem", tmp_path / "web-chain.pem", tmp_path / "web-key.pem")
     paths[0].write_bytes(ca.public_bytes(pem))
     paths[1].write_bytes(leaf.public_bytes(pem))
@@ -284,6 +285,15 @@ def test_destination_rule_simple_and_mutual_originate_tls_outside_the_mesh(
     assert "none of the expected bank.example.org" in refused, refused
     apply(meshd, client_mesh, tls("SIMPLE", sni="bank.example.com"))  # the system's roots
     assert "CERTIFICATE_VERIFY_FAILED" in outcome(with_httpx, client_mesh, EXTERNAL)
+    # no sni: the request's host is the name sent and checked (Istio's auto SNI and SAN check)
+    apply(meshd, client_mesh, tls("SIMPLE", caCertificates=str(ca_file)))
+    assert outcome(with_httpx, client_mesh, EXTERNAL) == "200 -"
+    _, other_chain, other_key = web_pki(tmp_path / "other", "attacker.example.net")
+    server.use(other_chain, other_key)
+    ca_of_other = tmp_path / "other" / "web-ca.pem"
+    apply(meshd, client_mesh, tls("SIMPLE", caCertificates=str(ca_of_other)))
+    refused = outcome(with_httpx, client_mesh, EXTERNAL)
+    assert "Hostname mismatch" in refused, refused
 
 
 def test_a_flask_app_behind_werkzeugs_tls_sees_the_callers_spiffe_id(

@@ -853,3 +853,29 @@ def test_every_corpus_policy_translates_and_compiles(path: Path) -> None:
             assert any(expected[name] in notice for notice in filters.notices), name
         decision = over_the_wire(filters).check(request(principal="", path="/", method="GET"))
         assert decision.reason.startswith("allowed") is decision.allowed
+
+
+def test_percent_encoded_unreserved_characters_cannot_dodge_a_path_rule() -> None:
+    """Envoy normalizes the path as Istio configures it (RFC 3986: unreserved characters
+    decoded, dot segments removed) before RBAC looks at it; the app's router decodes too."""
+    from libmesh.policy import Authorizer, AuthzRequest
+    from libmesh.xds import rbac_filters
+
+    result = load_text(
+        textwrap.dedent("""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: no-admin, namespace: shop}
+        spec:
+          action: DENY
+          rules: [{to: [{operation: {paths: ["/admin/*"]}}]}]
+        """),
+        "policy.yaml",
+    )
+    filters = rbac_filters(result.config.resources, namespace="shop", labels={})
+    authorizer = Authorizer.from_filters(filters.filters)
+    for path in ("/admin/x", "/%61dmin/x", "/%41dmin/x".replace("%41", "%61"), "/public/../admin/x",
+                 "/public/%2e%2e/admin/x"):
+        assert not authorizer.check(AuthzRequest(path=path)).allowed, path
+    assert authorizer.check(AuthzRequest(path="/admin%2Fx")).allowed  # %2F stays encoded
+    assert authorizer.check(AuthzRequest(path="/public/x")).allowed

@@ -142,3 +142,20 @@ def test_providers_come_from_requestauthentication_yaml(tmp_path: object) -> Non
     raw = token(claims())
     assert provider.extract({"x-token": f"Token {raw}"}, {}) == raw
     assert provider.validate(raw, NOW).principal == f"{ISSUER}/alice"
+
+
+def test_a_single_jwk_is_a_jwks_and_an_unusable_inline_one_fails_tokens_not_the_config() -> None:
+    from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2
+
+    from libmesh.policy._jwt import JwtPolicy
+
+    single = json.dumps(json.loads(jwks())["keys"][0])
+    provider = JwtProvider(issuer=ISSUER, jwks=Jwks.parse(single))
+    assert provider.validate(token(claims()), NOW).principal == f"{ISSUER}/alice"
+    config = config_pb2.JwtAuthentication()
+    config.providers["p"].issuer = ISSUER
+    config.providers["p"].local_jwks.inline_string = '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'
+    (rule,) = JwtPolicy.of(config).rules  # the listener is not refused for it
+    assert rule.jwks is not None
+    with pytest.raises(JwtError, match="Jwks doesn't have key to match kid or alg"):
+        rule.provider(rule.jwks).validate(token(claims()), NOW)

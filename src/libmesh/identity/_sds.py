@@ -42,10 +42,16 @@ class SdsServer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[mi
     """Serves ``identity``'s secrets at ``address`` (``unix:PATH`` or ``HOST:PORT``)."""
 
     def __init__(self, identity: Any, address: str) -> None:
+        if not address.startswith("unix:"):
+            raise ValueError(
+                f"SDS hands out the workload's private key: serve it on a Unix socket in a "
+                f"private directory (unix:/run/libmesh/sds.sock), not on {address!r}"
+            )
         self._identity: IdentitySource = identity
         self._streams: set[queue.Queue[object]] = set()
         self._lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        # a stream holds a thread for its life: room for many Envoy subscriptions
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(address)
         self.address = address
@@ -58,6 +64,10 @@ class SdsServer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[mi
 
     def close(self) -> None:
         self._server.stop(grace=None)
+        with self._lock:
+            streams, self._streams = list(self._streams), set()
+        for stream in streams:
+            stream.put(None)
 
     def _rotated(self, svid: Svid) -> None:
         with self._lock:

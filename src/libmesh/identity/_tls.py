@@ -243,7 +243,7 @@ def grpc_server_credentials(identity: IdentitySource) -> Any:
     def fetch() -> Any:
         current, bundle = identity.current(), tuple(identity.bundle)
         if current is None or (current is served["svid"] and bundle == served["bundle"]):
-            return None  # keep what is served (an expired SVID is never handed out)
+            return None  # nothing new to serve (grpcio keeps what it has)
         served.update(svid=current, bundle=bundle)
         return configuration(current, bundle)
 

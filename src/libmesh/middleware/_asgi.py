@@ -67,12 +67,68 @@ class MeshMiddleware:
         self._source = mesh  # its engine holds the workload's inbound policy
         self._jwks = JwksCache()
 
-    @property
-    def _engine(self) -> Any:
-        return self._source.engine if self._source is not None else None
+    async def _admit(
+        self, scope: Scope, headers: dict[str, str]
+    ) -> tuple[Authenticated, ASGIApp | None, str]:
+        """The workload's PeerAuthentication, RequestAuthentication and AuthorizationPolicy
+        for one request: (what authentication made of it, the answer refusing it or ``None``,
+        the caller's SPIFFE ID)."""
+        server = scope.get("server")
+        client = scope.get("client")
+        authority = headers.get("host") or (f"{server[0]}:{server[1]}" if server else "")
+        principal = _principal(scope)
+        inbound = self._source.engine.inbound
+        port = server[1] if server else None
+        if not principal and not inbound.accepts(port, tls=False):
+            return NOTHING, _refusal(port, inbound.mode(port).value), principal
+        query = scope.get("query_string") or b""
+        # the path as the app routes on it (decoded: /admin%2Fx is /admin/x to it), so no
+        # encoding of it can pass a path rule that the route it reaches should meet
+        target = scope.get("root_path", "") + scope["path"]
+        method = scope.get("method", "GET")  # (a websocket upgrade is a GET)
+        authenticated = NOTHING
+        jwt = inbound.jwt(port)
+        if jwt is not None:
+            authenticated = await authenticate_async(
+                jwt, headers, query.decode("latin-1"), self._jwks
+            )
+            if authenticated.error:
+                return (
+                    authenticated,
+                    _unauthorized(authenticated.error, authority, target),
+                    principal,
+                )
+            _rewrite_headers(scope, headers, authenticated)
+        authorizer = inbound.authorizer(port)
+        if not authorizer.empty:
+            decision = authorizer.check(
+                AuthzRequest(
+                    method=method,
+                    path=f"{target}?{query.decode('latin-1')}" if query else target,
+                    host=authority,
+                    headers=headers,
+                    principal=principal,
+                    source_ip=client[0] if client else "",
+                    destination_ip=server[0] if server else "",
+                    destination_port=port or 0,
+                    jwt_claims=authenticated.claims,
+                )
+            )
+            report_decision(decision, method, target, client, principal)
+            if not decision.allowed:
+                return authenticated, _rbac_denied, principal
+        return authenticated, None, principal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket" and self._source is not None:
+                # the upgrade request meets the same policies (Envoy runs its filters on it)
+                refusal = (await self._admit(scope, _headers(scope["headers"])))[1]
+                if refusal is not None:
+                    await receive()  # websocket.connect
+                    await send({"type": "websocket.close", "code": 1008})  # policy violation
+                    return
             await self.app(scope, receive, send)
             return
         headers = _headers(scope["headers"])
@@ -80,49 +136,14 @@ class MeshMiddleware:
         authority = headers.get("host") or (f"{server[0]}:{server[1]}" if server else "")
         client = scope.get("client")
         grpc = headers.get("content-type", "").startswith("application/grpc")
-        extensions = scope.get("extensions")
-        tls = extensions.get("tls") if extensions else None
-        chain = tls.get("client_cert_chain") if tls else None
-        principal = principal_of_pem(chain[0]) if chain else ""
         app = self.app
-        authenticated = NOTHING
-        engine = self._engine
-        if engine is not None:
-            inbound = engine.inbound
-            port = server[1] if server else None
-            if not principal and not inbound.accepts(port, tls=False):
-                await _refuse(send, port, inbound.mode(port).value)
-                return
-            query = scope.get("query_string") or b""
-            raw_path = scope.get("raw_path")
-            target = raw_path.decode("latin-1") if raw_path else scope["path"]
-            jwt = inbound.jwt(port)
-            if jwt is not None:
-                authenticated = await authenticate_async(
-                    jwt, headers, query.decode("latin-1"), self._jwks
-                )
-                if authenticated.error:
-                    app = _unauthorized(authenticated.error, authority, target)
-                else:
-                    _rewrite_headers(scope, headers, authenticated)
-            authorizer = inbound.authorizer(port)
-            if not authorizer.empty and not authenticated.error:
-                decision = authorizer.check(
-                    AuthzRequest(
-                        method=scope["method"],
-                        path=f"{target}?{query.decode('latin-1')}" if query else target,
-                        host=authority,
-                        headers=headers,
-                        principal=principal,
-                        source_ip=client[0] if client else "",
-                        destination_ip=server[0] if server else "",
-                        destination_port=port or 0,
-                        jwt_claims=authenticated.claims,
-                    )
-                )
-                report_decision(decision, scope["method"], target, client, principal)
-                if not decision.allowed:
-                    app = _rbac_denied
+        authenticated, refusal, principal = NOTHING, None, ""
+        if self._source is not None:
+            (authenticated, refusal, principal) = await self._admit(scope, headers)
+            if refusal is not None:
+                app = refusal
+        else:
+            principal = _principal(scope)
         request = self.telemetry.inbound_request(
             method=scope["method"],
             path=scope["path"],
@@ -165,6 +186,15 @@ class MeshMiddleware:
                 )
 
 
+def _principal(scope: Scope) -> str:
+    """The caller's SPIFFE ID, from the client certificate the server verified (the ASGI
+    ``tls`` extension; a certificate it could not verify proves nothing)."""
+    extensions = scope.get("extensions")
+    tls = extensions.get("tls") if extensions else None
+    chain = tls.get("client_cert_chain") if tls and not tls.get("client_cert_error") else None
+    return principal_of_pem(chain[0]) if chain else ""
+
+
 def _unauthorized(error: str, authority: str, path: str) -> ASGIApp:
     """Envoy's answer to a request whose token failed: 401, the reason as the body."""
 
@@ -181,13 +211,15 @@ def _unauthorized(error: str, authority: str, path: str) -> ASGIApp:
 
 
 def _rewrite_headers(scope: Scope, headers: dict[str, str], authenticated: Authenticated) -> None:
-    """What the app sees of a validated token: its header gone unless forwarded, its claims
-    added as headers when asked."""
-    removed = authenticated.remove_header.encode()
-    if not removed and not authenticated.add_headers:
+    """What the app sees after authentication: the token's header gone unless forwarded, and
+    the claim headers replaced by the validated claims (never the caller's own)."""
+    if not authenticated.remove_headers and not authenticated.add_headers:
         return
-    raw = [(k, v) for k, v in scope["headers"] if k != removed]
-    headers.pop(authenticated.remove_header, None)
+    removed = {name.encode("latin-1") for name in authenticated.remove_headers}
+    removed.update(name.lower().encode("latin-1") for name, _ in authenticated.add_headers)
+    raw = [(k, v) for k, v in scope["headers"] if k not in removed]
+    for name in authenticated.remove_headers:
+        headers.pop(name, None)
     for name, value in authenticated.add_headers:
         raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
         headers[name.lower()] = value
@@ -213,13 +245,16 @@ async def _plain(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse(send: Send, port: int | None, mode: str) -> None:
+def _refusal(port: int | None, mode: str) -> ASGIApp:
     """A plaintext request to a port that requires mutual TLS: the server in front did not
     terminate the mesh's mTLS (serve the app with ``libmesh.serve``), so nothing is known of
     the caller; refused, as Envoy would refuse the connection."""
-    await _plain(
-        send, 403, f"mutual TLS required: port {port} is {mode} (PeerAuthentication)\n".encode()
-    )
+    body = f"mutual TLS required: port {port} is {mode} (PeerAuthentication)\n".encode()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await _plain(send, 403, body)
+
+    return app
 
 
 class _Exchange:

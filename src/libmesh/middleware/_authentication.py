@@ -29,7 +29,9 @@ class Authenticated:
 
     jwt: ValidatedJwt | None = None
     error: str = ""
-    remove_header: str = ""  # the token's header, when it is not forwarded
+    # headers the app must not see from the caller: the token's, when it is not forwarded, and
+    # every claim header a provider writes (a caller's own would pose as a verified claim)
+    remove_headers: tuple[str, ...] = ()
     add_headers: tuple[tuple[str, str], ...] = field(default=())
 
     @property
@@ -52,16 +54,44 @@ def _check(rule: JwtRule, token: str, keys: Any) -> ValidatedJwt:
     return rule.provider(keys).validate(token, time.time())
 
 
-def _outcome(rule: JwtRule, validated: ValidatedJwt, headers: Mapping[str, str]) -> Authenticated:
-    removed = ""
+def _claim(claims: Mapping[str, Any], name: str) -> str | None:
+    """A claim as Envoy's ``claim_to_headers`` writes it: nested names with dots, booleans as
+    ``true``/``false``, numbers and strings as they are; anything else is not written."""
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return None
+
+
+def _claim_headers(policy: JwtPolicy) -> tuple[str, ...]:
+    return tuple(header.lower() for rule in policy.rules for header, _ in rule.claim_to_headers)
+
+
+def _outcome(
+    policy: JwtPolicy, rule: JwtRule, validated: ValidatedJwt, headers: Mapping[str, str]
+) -> Authenticated:
+    removed = _claim_headers(policy)
     if not rule.forward:
-        removed = next((name for name, _ in rule.from_headers if name in headers), "")
+        removed += tuple(name for name, _ in rule.from_headers if name in headers)
     added = tuple(
-        (header, str(validated.claims[claim]))
+        (header, value)
         for header, claim in rule.claim_to_headers
-        if claim in validated.claims and isinstance(validated.claims[claim], (str, int, float))
+        if (value := _claim(validated.claims, claim)) is not None
     )
     return Authenticated(validated, "", removed, added)
+
+
+def _without_token(policy: JwtPolicy) -> Authenticated:
+    if not policy.allow_missing:
+        return Authenticated(error="Jwt is missing")
+    headers = _claim_headers(policy)
+    return Authenticated(remove_headers=headers) if headers else NOTHING
 
 
 def authenticate(
@@ -69,18 +99,19 @@ def authenticate(
 ) -> Authenticated:
     found = policy.token(headers, _query(query_string))
     if found is None:
-        return NOTHING if policy.allow_missing else Authenticated(error="Jwt is missing")
+        return _without_token(policy)
     rule, token = found
     try:
+        keys = cache.get(rule)
         try:
-            validated = _check(rule, token, cache.get(rule))
+            validated = _check(rule, token, keys)
         except JwtError:
-            if not rule.provider(cache.get(rule)).needs_refresh(token):
+            if not rule.provider(keys).needs_refresh(token):
                 raise
             validated = _check(rule, token, cache.get(rule, refetch=True))
     except JwtError as exc:
         return Authenticated(error=str(exc))
-    return _outcome(rule, validated, headers)
+    return _outcome(policy, rule, validated, headers)
 
 
 async def authenticate_async(
@@ -88,18 +119,19 @@ async def authenticate_async(
 ) -> Authenticated:
     found = policy.token(headers, _query(query_string))
     if found is None:
-        return NOTHING if policy.allow_missing else Authenticated(error="Jwt is missing")
+        return _without_token(policy)
     rule, token = found
     try:
+        keys = await cache.aget(rule)
         try:
-            validated = _check(rule, token, await cache.aget(rule))
+            validated = _check(rule, token, keys)
         except JwtError:
-            if not rule.provider(await cache.aget(rule)).needs_refresh(token):
+            if not rule.provider(keys).needs_refresh(token):
                 raise
             validated = _check(rule, token, await cache.aget(rule, refetch=True))
     except JwtError as exc:
         return Authenticated(error=str(exc))
-    return _outcome(rule, validated, headers)
+    return _outcome(policy, rule, validated, headers)
 
 
 def unauthorized_headers(authority: str, path: str) -> list[tuple[str, str]]:

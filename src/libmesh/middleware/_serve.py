@@ -31,6 +31,7 @@ logger = logging.getLogger("libmesh")
 
 _HANDSHAKE = 0x16  # the first byte of a TLS record carrying a handshake
 _FIRST_BYTE_TIMEOUT = 10.0
+_MAX_UNDECIDED = 1024  # connections accepted whose first byte has not come yet
 
 
 def serve(
@@ -124,7 +125,15 @@ async def _accept(
     pending: set[asyncio.Task[None]] = set()
     try:
         while True:
-            connection, peer = await loop.sock_accept(listener)
+            try:
+                connection, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, a reset before accept: keep serving
+                logger.warning("libmesh: accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(pending) >= _MAX_UNDECIDED:
+                connection.close()  # too many connections that have not spoken yet
+                continue
             # (asyncio sets this only on sockets it knows to be TCP; uvicorn's small writes
             # would otherwise wait on the peer's delayed ACK, 40 ms each)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -152,6 +161,9 @@ async def _admit(
     except (TimeoutError, OSError):
         connection.close()
         return
+    except asyncio.CancelledError:  # the server stops
+        connection.close()
+        raise
     if not first:
         connection.close()  # closed before saying anything
         return
@@ -172,13 +184,16 @@ async def _admit(
         try:
             if mesh.tls is None:
                 raise ssl.SSLError("this workload has no identity (Mesh.connect(token=...))")
-            context = mesh.tls.server()
+            context = mesh.tls.server(alpn=("http/1.1",))  # uvicorn speaks HTTP/1.1
         except ssl.SSLError as exc:
             logger.warning("libmesh: refused mTLS from %s: %s", caller, exc)
             connection.close()
             return
     try:
         await loop.connect_accepted_socket(create_protocol, connection, ssl=context)
+    except asyncio.CancelledError:
+        connection.close()
+        raise
     except (ssl.SSLError, OSError) as exc:
         logger.warning("libmesh: refused mTLS from %s: %s", caller, _reason(exc))
         connection.close()

@@ -54,7 +54,10 @@ class MeshWSGIMiddleware:
         authority = headers.get("host") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
         # a server that terminated mutual TLS passes the client's certificate (werkzeug,
         # mod_wsgi and Apache's mod_ssl name it so)
-        certificate = environ.get("SSL_CLIENT_CERT")
+        # (only a verified one: mod_ssl says so in SSL_CLIENT_VERIFY, e.g. not for
+        # optional_no_ca; werkzeug passes a certificate only once OpenSSL verified it)
+        verified = environ.get("SSL_CLIENT_VERIFY", "SUCCESS") == "SUCCESS"
+        certificate = environ.get("SSL_CLIENT_CERT") if verified else None
         principal = principal_of_pem(certificate) if certificate else ""
         app = self.app
         authenticated = NOTHING
@@ -67,13 +70,11 @@ class MeshWSGIMiddleware:
                     "(PeerAuthentication)\n"
                 ).encode()
                 return _plain(start_response, "403 Forbidden", refusal)
-            path = (
-                environ.get("RAW_URI")
-                or environ.get("REQUEST_URI")
-                or (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"))
-            )
+            # the path as the app routes on it (decoded), so that no encoding of it passes a
+            # path rule the route it reaches should meet
+            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/")
             query = environ.get("QUERY_STRING", "")
-            if query and "?" not in path:
+            if query:
                 path = f"{path}?{query}"
             jwt = inbound.jwt(port)
             if jwt is not None:
@@ -144,10 +145,10 @@ class MeshWSGIMiddleware:
 def _rewrite_environ(
     environ: dict[str, Any], headers: dict[str, str], authenticated: Authenticated
 ) -> None:
-    """The token's header gone unless forwarded; claims added as headers when asked."""
-    if authenticated.remove_header:
-        environ.pop("HTTP_" + authenticated.remove_header.upper().replace("-", "_"), None)
-        headers.pop(authenticated.remove_header, None)
+    """The token's header gone unless forwarded; claim headers replaced by the claims."""
+    for name in authenticated.remove_headers:
+        environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
+        headers.pop(name, None)
     for name, value in authenticated.add_headers:
         environ["HTTP_" + name.upper().replace("-", "_")] = value
         headers[name.lower()] = value

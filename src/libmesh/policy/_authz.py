@@ -259,6 +259,8 @@ class _Context:
         path = request.path
         if "?" in path or "#" in path:
             path = path.partition("?")[0].partition("#")[0]
+        if "%" in path:
+            path = _decode_unreserved(path)
         if "/." in path or "%2" in path:
             path = _remove_dot_segments(path)
         self.url_path = path
@@ -272,6 +274,22 @@ class _Context:
         if found is _MISSING:
             found = self._metadata[filter_name] = _metadata_of(self.request, filter_name)
         return found
+
+
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _decode_unreserved(path: str) -> str:
+    """RFC 3986 section 6.2.2.2, as Envoy's path normalization (Istio's default) does: an
+    encoded unreserved character is that character (``/%61dmin`` is ``/admin``, which is what
+    the application's router sees); reserved ones such as ``%2F`` stay encoded."""
+
+    def decode(match: re.Match[str]) -> str:
+        character = chr(int(match.group(1), 16))
+        return character if character in _UNRESERVED else match.group(0)
+
+    return _PERCENT.sub(decode, path)
 
 
 def _remove_dot_segments(path: str) -> str:

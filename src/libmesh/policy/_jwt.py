@@ -57,8 +57,9 @@ class Jwks:
     def parse(cls, text: str) -> Jwks:
         try:
             document = json.loads(text)
-            entries = document["keys"]
-        except (ValueError, KeyError, TypeError) as exc:
+            # a JWK Set, or one JSON Web Key (RequestAuthentication's jwks may be either)
+            entries = document.get("keys", [document])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise JwtError(f"Jwks is not a JSON object with keys: {exc}") from exc
         keys = []
         for entry in entries:
@@ -286,7 +287,12 @@ class JwtPolicy:
             timeout = 5.0
             cache = 600.0
             if provider.HasField("local_jwks"):
-                jwks = Jwks.parse(provider.local_jwks.inline_string)
+                try:
+                    jwks = Jwks.parse(provider.local_jwks.inline_string)
+                except JwtError:
+                    # as Envoy: the configuration stands, and this provider's tokens fail
+                    # ("Jwks doesn't have key to match kid or alg from Jwt")
+                    jwks = Jwks(())
             elif provider.HasField("remote_jwks"):
                 remote = provider.remote_jwks
                 uri = remote.http_uri.uri

@@ -84,9 +84,19 @@ def transport_sockets(proto: cluster_pb2.Cluster) -> TransportSockets:
     return TransportSockets(default, matches)
 
 
+_RAW = "envoy.transport_sockets.raw_buffer"
+_RAW_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+
+
 def _tls(socket: base_pb2.TransportSocket) -> UpstreamTls | None:
+    if socket.name == _RAW or socket.typed_config.type_url == _RAW_TYPE:
+        return None
     if socket.name != _TLS_SOCKET and socket.typed_config.type_url != _TLS_TYPE:
-        return None  # raw_buffer, or a socket that only adds framing
+        # (never a silent plaintext for what may wrap TLS)
+        raise UpstreamTlsError(
+            f"transport socket {socket.name or socket.typed_config.type_url!r} is not one "
+            "libmesh knows (tls, raw_buffer)"
+        )
     context = tls_pb2.UpstreamTlsContext()
     if not socket.typed_config.Unpack(context):
         raise UpstreamTlsError(f"transport socket {socket.name}: not an UpstreamTlsContext")
@@ -96,9 +106,12 @@ def _tls(socket: base_pb2.TransportSocket) -> UpstreamTls | None:
         if common.HasField("combined_validation_context")
         else common.validation_context
     )
-    sans = frozenset(
-        m.matcher.exact for m in validation.match_typed_subject_alt_names if m.matcher.exact
-    ) | frozenset(m.exact for m in validation.match_subject_alt_names if m.exact)
+    matchers = [m.matcher for m in validation.match_typed_subject_alt_names]
+    matchers += list(validation.match_subject_alt_names)
+    if any(m.WhichOneof("match_pattern") != "exact" for m in matchers):
+        # dropping one would accept any server: refuse the cluster instead
+        raise UpstreamTlsError("libmesh matches subject alternative names exactly only")
+    sans = frozenset(m.exact for m in matchers)
     sds = [c.name for c in common.tls_certificate_sds_secret_configs]
     providers = common.HasField("tls_certificate_provider_instance")
     if sds or providers:

@@ -375,6 +375,7 @@ class _Tls(NamedTuple):
     context: Callable[[], ssl.SSLContext]
     sni: str | None
     check: Callable[[Any], object]  # raises PeerError when the server is not who it must be
+    name_from_host: bool = False  # no SNI given: the request's host is the name (origination)
 
 
 def _tls_for(
@@ -398,15 +399,18 @@ def _tls_for(
             mesh_context, tls.sni or None, lambda ssl_object: check_peer(ssl_object, expected)
         )
     context = originate(tls)
-    return _Tls(lambda: context, tls.sni or None, lambda peer: _check_names(peer, tls))
+    return _Tls(
+        lambda: context, tls.sni or None, lambda peer: _check_names(peer, tls), name_from_host=True
+    )
 
 
 def _originate_context(tls: UpstreamTls) -> ssl.SSLContext:
     """DestinationRule SIMPLE and MUTUAL: the named CA (else the system's), the named client
     certificate; the server's names are checked against ``subjectAltNames`` when given, else
-    against the SNI, as Istio verifies at the client."""
+    against the SNI — the DestinationRule's, else the host the request names (Istio's auto SNI
+    and SAN validation)."""
     context = ssl.create_default_context(cafile=tls.ca_file)
-    context.check_hostname = tls.verify and not tls.subject_alt_names and bool(tls.sni)
+    context.check_hostname = tls.verify and not tls.subject_alt_names
     if not tls.verify:
         context.verify_mode = ssl.CERT_NONE
     if tls.cert_file:
@@ -421,14 +425,21 @@ def _check_names(ssl_object: Any, tls: UpstreamTls) -> None:
     presented = {value for _, value in ssl_object.getpeercert().get("subjectAltName", ())}
     if not presented & tls.subject_alt_names:
         raise PeerError(
-            f"the server presented {', '.join(sorted(presented)) or 'no subject alternative '}"
-            f"names, none of the expected {', '.join(sorted(tls.subject_alt_names))}"
+            f"the server presented {', '.join(sorted(presented)) or 'no subject alternative names'}"
+            f", none of the expected {', '.join(sorted(tls.subject_alt_names))}"
         )
 
 
-def _secured(stream: Any, tls: _Tls, timeout: float | None) -> Any:
+def _server_name(tls: _Tls, host: str) -> str | None:
+    """The SNI: the cluster's, else (TLS origination) the host the request names."""
+    return tls.sni or (host if tls.name_from_host else None)
+
+
+def _secured(stream: Any, tls: _Tls, host: str, timeout: float | None) -> Any:
     try:
-        secure = stream.start_tls(tls.context(), server_hostname=tls.sni, timeout=timeout)
+        secure = stream.start_tls(
+            tls.context(), server_hostname=_server_name(tls, host), timeout=timeout
+        )
     except (ssl.SSLError, httpcore.ConnectError) as exc:
         stream.close()
         raise httpcore.ConnectError(f"TLS error: {_tls_reason(exc)}") from exc
@@ -440,9 +451,11 @@ def _secured(stream: Any, tls: _Tls, timeout: float | None) -> Any:
     return secure
 
 
-async def _asecured(stream: Any, tls: _Tls, timeout: float | None) -> Any:
+async def _asecured(stream: Any, tls: _Tls, host: str, timeout: float | None) -> Any:
     try:
-        secure = await stream.start_tls(tls.context(), server_hostname=tls.sni, timeout=timeout)
+        secure = await stream.start_tls(
+            tls.context(), server_hostname=_server_name(tls, host), timeout=timeout
+        )
     except (ssl.SSLError, httpcore.ConnectError) as exc:
         await stream.aclose()
         raise httpcore.ConnectError(f"TLS error: {_tls_reason(exc)}") from exc
@@ -460,6 +473,14 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and getattr(exc, "verify_message", None):
         return f"{exc.reason}: {exc.verify_message}"  # type: ignore[attr-defined]
     return str(exc.args[-1] if isinstance(exc, ssl.SSLError) and exc.args else exc)
+
+
+def _no_tls_on_unix_sockets(path: str, tls: _Tls | None) -> None:
+    if tls is not None:
+        raise httpcore.ConnectError(
+            f"TLS error: the cluster asks for TLS to unix:{path}, which libmesh does not "
+            "secure (refused rather than sent in plaintext)"
+        )
 
 
 class _ToEndpoint(httpcore.NetworkBackend):
@@ -485,11 +506,12 @@ class _ToEndpoint(httpcore.NetworkBackend):
         stream = self._backend.connect_tcp(
             self._address, self._port, timeout, local_address, socket_options
         )
-        return stream if self._tls is None else _secured(stream, self._tls, timeout)
+        return stream if self._tls is None else _secured(stream, self._tls, host, timeout)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.NetworkStream:
+        _no_tls_on_unix_sockets(path, self._tls)
         return self._backend.connect_unix_socket(path, timeout, socket_options)
 
     def sleep(self, seconds: float) -> None:
@@ -516,11 +538,12 @@ class _AsyncToEndpoint(httpcore.AsyncNetworkBackend):
         stream = await self._backend.connect_tcp(
             self._address, self._port, timeout, local_address, socket_options
         )
-        return stream if self._tls is None else await _asecured(stream, self._tls, timeout)
+        return stream if self._tls is None else await _asecured(stream, self._tls, host, timeout)
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.AsyncNetworkStream:
+        _no_tls_on_unix_sockets(path, self._tls)
         return await self._backend.connect_unix_socket(path, timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
@@ -533,17 +556,15 @@ class _EndpointTransport(httpx.HTTPTransport):
 
     def __init__(self, host: Host, tls: _Tls | None = None, **options: Any) -> None:
         super().__init__(uds=host.uds, **options)
-        if host.uds is None:
-            pool = self._pool
-            pool._network_backend = _ToEndpoint(pool._network_backend, host, tls)
+        pool = self._pool
+        pool._network_backend = _ToEndpoint(pool._network_backend, host, tls)
 
 
 class _AsyncEndpointTransport(httpx.AsyncHTTPTransport):
     def __init__(self, host: Host, tls: _Tls | None = None, **options: Any) -> None:
         super().__init__(uds=host.uds, **options)
-        if host.uds is None:
-            pool = self._pool
-            pool._network_backend = _AsyncToEndpoint(pool._network_backend, host, tls)
+        pool = self._pool
+        pool._network_backend = _AsyncToEndpoint(pool._network_backend, host, tls)
 
 
 # -- sync ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class JwksCache:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._held: dict[str, tuple[Jwks, float]] = {}  # uri -> keys, when fetched
+        self._failed: dict[str, tuple[str, float]] = {}  # uri -> why, when (no keys held)
         self._lock = threading.Lock()
 
     def _fresh(self, rule: JwtRule) -> Jwks | None:
@@ -36,17 +37,27 @@ class JwksCache:
         held = self._held.get(rule.jwks_uri)
         return held is None or self._clock() - held[1] >= _REFETCH_INTERVAL
 
+    def _recently_failed(self, rule: JwtRule) -> None:
+        """Raise at once while the last fetch failed less than a second ago and no keys are
+        held: requests do not each wait for an issuer that is down."""
+        failed = self._failed.get(rule.jwks_uri)
+        if failed is not None and self._clock() - failed[1] < _REFETCH_INTERVAL:
+            raise JwtError(f"Jwks remote fetch is failed ({rule.jwks_uri}: {failed[0]})")
+
     def _store(self, rule: JwtRule, text: str | None, error: str) -> Jwks:
         with self._lock:
             if text is not None:
                 try:
                     jwks = Jwks.parse(text)
-                except JwtError:
-                    pass
+                except JwtError as exc:
+                    error = str(exc)
                 else:
                     self._held[rule.jwks_uri] = (jwks, self._clock())
+                    self._failed.pop(rule.jwks_uri, None)
                     return jwks
             held = self._held.get(rule.jwks_uri)
+            if held is None:
+                self._failed[rule.jwks_uri] = (error, self._clock())
         if held is not None:
             return held[0]  # the last good keys stay in use
         raise JwtError(f"Jwks remote fetch is failed ({rule.jwks_uri}: {error})")
@@ -59,6 +70,7 @@ class JwksCache:
         fresh = self._fresh(rule)
         if fresh is not None and not (refetch and self._may_refetch(rule)):
             return fresh
+        self._recently_failed(rule)
         try:
             response = httpx.get(rule.jwks_uri, timeout=rule.fetch_timeout)
             response.raise_for_status()
@@ -73,6 +85,7 @@ class JwksCache:
         fresh = self._fresh(rule)
         if fresh is not None and not (refetch and self._may_refetch(rule)):
             return fresh
+        self._recently_failed(rule)
         try:
             async with httpx.AsyncClient(timeout=rule.fetch_timeout) as client:
                 response = await client.get(rule.jwks_uri)
