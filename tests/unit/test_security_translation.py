@@ -211,3 +211,44 @@ def test_request_authentication_becomes_jwt_authn_with_istios_defaults() -> None
     assert remote.forward
     other = Node(namespace="shop", labels=FrozenMap({"app": "web"}))
     assert inbound(rule, node=other).jwt(8080) is None
+
+
+def test_the_inbound_verdicts_every_server_applies() -> None:
+    from libmesh.policy._inbound import (
+        Arrival,
+        Authenticated,
+        authorize,
+        refuse_plaintext,
+    )
+
+    strict = inbound(peer_authentication("default", "shop", "{mtls: {mode: STRICT}}"))
+    plaintext = Arrival(method="GET", path="/", host="pay", port=8080)
+    refusal = refuse_plaintext(strict, plaintext)
+    assert refusal is not None
+    assert (refusal.status, refusal.grpc_status) == (403, "UNAUTHENTICATED")
+    assert refusal.message == "mutual TLS required: port 8080 is STRICT (PeerAuthentication)"
+    web = Arrival(method="GET", path="/", principal="spiffe://cluster.local/ns/shop/sa/web")
+    assert refuse_plaintext(strict, web) is None
+
+    refusal, decision = authorize(strict, plaintext, Authenticated(error="Jwt is expired"))
+    assert refusal is not None
+    assert (refusal.status, refusal.message) == (401, "Jwt is expired")
+    assert refusal.headers == (
+        ("www-authenticate", 'Bearer realm="http://pay/", error="invalid_token"'),
+    )
+    policy = """
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: only-web, namespace: shop}
+    spec:
+      rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
+    """
+    only_web = inbound(policy)
+    refusal, decision = authorize(only_web, plaintext, Authenticated())
+    assert refusal is not None
+    assert (refusal.status, refusal.grpc_status, refusal.message) == (
+        403, "PERMISSION_DENIED", "RBAC: access denied",
+    )  # fmt: skip
+    assert decision is not None
+    assert not decision.allowed
+    assert authorize(only_web, web, Authenticated())[0] is None

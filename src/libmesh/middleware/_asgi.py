@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..identity._tls import principal_of_pem
-from ..policy._authz import AuthzRequest
+from ..policy._inbound import Arrival, Refusal, authorize, refuse_plaintext
 from ..telemetry import Telemetry
 from ..telemetry._tracing import REQUEST_ID
 from ..transport._jwks import JwksCache
-from ._authentication import NOTHING, Authenticated, authenticate_async, unauthorized_headers
-from ._authorization import RBAC_DENIED, report_decision
+from ._authentication import NOTHING, Authenticated, authenticate_async
+from ._authorization import report_decision
 
 __all__ = ["ASGIApp", "MeshMiddleware", "metrics_asgi_app"]
 
@@ -71,53 +71,38 @@ class MeshMiddleware:
         self, scope: Scope, headers: dict[str, str]
     ) -> tuple[Authenticated, ASGIApp | None, str]:
         """The workload's PeerAuthentication, RequestAuthentication and AuthorizationPolicy
-        for one request: (what authentication made of it, the answer refusing it or ``None``,
-        the caller's SPIFFE ID)."""
+        for one request (decided in ``policy``): (what authentication made of it, the answer
+        refusing it or ``None``, the caller's SPIFFE ID)."""
         server = scope.get("server")
         client = scope.get("client")
-        authority = headers.get("host") or (f"{server[0]}:{server[1]}" if server else "")
-        principal = _principal(scope)
         inbound = self._source.engine.inbound
-        port = server[1] if server else None
-        if not principal and not inbound.accepts(port, tls=False):
-            return NOTHING, _refusal(port, inbound.mode(port).value), principal
-        query = scope.get("query_string") or b""
-        # the path as the app routes on it (decoded: /admin%2Fx is /admin/x to it), so no
-        # encoding of it can pass a path rule that the route it reaches should meet
-        target = scope.get("root_path", "") + scope["path"]
-        method = scope.get("method", "GET")  # (a websocket upgrade is a GET)
+        query = (scope.get("query_string") or b"").decode("latin-1")
+        arrival = Arrival(
+            method=scope.get("method", "GET"),  # (a websocket upgrade is a GET)
+            # the path as the app routes on it (decoded: /admin%2Fx is /admin/x to it), so no
+            # encoding of it can pass a path rule that the route it reaches should meet
+            path=scope.get("root_path", "") + scope["path"],
+            query=query,
+            host=headers.get("host") or (f"{server[0]}:{server[1]}" if server else ""),
+            headers=headers,
+            principal=_principal(scope),
+            source_ip=client[0] if client else "",
+            destination_ip=server[0] if server else "",
+            port=server[1] if server else None,
+        )
+        refusal = refuse_plaintext(inbound, arrival)
+        if refusal is not None:
+            return NOTHING, _refusal_app(refusal), arrival.principal
+        jwt = inbound.jwt(arrival.port)
         authenticated = NOTHING
-        jwt = inbound.jwt(port)
         if jwt is not None:
-            authenticated = await authenticate_async(
-                jwt, headers, query.decode("latin-1"), self._jwks
-            )
-            if authenticated.error:
-                return (
-                    authenticated,
-                    _unauthorized(authenticated.error, authority, target),
-                    principal,
-                )
-            _rewrite_headers(scope, headers, authenticated)
-        authorizer = inbound.authorizer(port)
-        if not authorizer.empty:
-            decision = authorizer.check(
-                AuthzRequest(
-                    method=method,
-                    path=f"{target}?{query.decode('latin-1')}" if query else target,
-                    host=authority,
-                    headers=headers,
-                    principal=principal,
-                    source_ip=client[0] if client else "",
-                    destination_ip=server[0] if server else "",
-                    destination_port=port or 0,
-                    jwt_claims=authenticated.claims,
-                )
-            )
-            report_decision(decision, method, target, client, principal)
-            if not decision.allowed:
-                return authenticated, _rbac_denied, principal
-        return authenticated, None, principal
+            authenticated = await authenticate_async(jwt, headers, query, self._jwks)
+            if not authenticated.error:
+                _rewrite_headers(scope, headers, authenticated)
+        refusal, decision = authorize(inbound, arrival, authenticated)
+        if decision is not None:
+            report_decision(decision, arrival.method, arrival.path, client, arrival.principal)
+        return authenticated, _refusal_app(refusal) if refusal else None, arrival.principal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -195,16 +180,17 @@ def _principal(scope: Scope) -> str:
     return principal_of_pem(chain[0]) if chain else ""
 
 
-def _unauthorized(error: str, authority: str, path: str) -> ASGIApp:
-    """Envoy's answer to a request whose token failed: 401, the reason as the body."""
+def _refusal_app(refusal: Refusal) -> ASGIApp:
+    """The answer refusing a request, as Envoy gives it (status, the reason as the body)."""
+    body = refusal.message.encode()
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers),
+    ]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        body = error.encode()
-        headers = [
-            (k.encode(), v.encode("latin-1")) for k, v in unauthorized_headers(authority, path)
-        ]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app
@@ -224,37 +210,6 @@ def _rewrite_headers(scope: Scope, headers: dict[str, str], authenticated: Authe
         raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
         headers[name.lower()] = value
     scope["headers"] = raw
-
-
-async def _rbac_denied(scope: Scope, receive: Receive, send: Send) -> None:
-    """Envoy's answer when an AuthorizationPolicy denies a request."""
-    await _plain(send, 403, RBAC_DENIED)
-
-
-async def _plain(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-def _refusal(port: int | None, mode: str) -> ASGIApp:
-    """A plaintext request to a port that requires mutual TLS: the server in front did not
-    terminate the mesh's mTLS (serve the app with ``libmesh.serve``), so nothing is known of
-    the caller; refused, as Envoy would refuse the connection."""
-    body = f"mutual TLS required: port {port} is {mode} (PeerAuthentication)\n".encode()
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await _plain(send, 403, body)
-
-    return app
 
 
 class _Exchange:

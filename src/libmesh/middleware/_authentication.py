@@ -13,37 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from ..policy._inbound import NOTHING, Authenticated
 from ..policy._jwt import JwtError, JwtPolicy, JwtRule, ValidatedJwt
 from ..transport._jwks import JwksCache
 
-__all__ = ["Authenticated", "authenticate", "authenticate_async", "unauthorized_headers"]
-
-
-@dataclass(frozen=True)
-class Authenticated:
-    """What authentication made of a request. ``error``: refuse with 401 and this message."""
-
-    jwt: ValidatedJwt | None = None
-    error: str = ""
-    # headers the app must not see from the caller: the token's, when it is not forwarded, and
-    # every claim header a provider writes (a caller's own would pose as a verified claim)
-    remove_headers: tuple[str, ...] = ()
-    add_headers: tuple[tuple[str, str], ...] = field(default=())
-
-    @property
-    def principal(self) -> str:
-        return self.jwt.principal if self.jwt is not None else ""
-
-    @property
-    def claims(self) -> Mapping[str, Any] | None:
-        return self.jwt.claims if self.jwt is not None else None
-
-
-NOTHING = Authenticated()
+__all__ = ["NOTHING", "Authenticated", "authenticate", "authenticate_async"]
 
 
 def _query(query_string: str) -> dict[str, str]:
@@ -132,11 +109,3 @@ async def authenticate_async(
     except JwtError as exc:
         return Authenticated(error=str(exc))
     return _outcome(policy, rule, validated, headers)
-
-
-def unauthorized_headers(authority: str, path: str) -> list[tuple[str, str]]:
-    """Envoy's 401 headers for a refused token."""
-    return [
-        ("content-type", "text/plain"),
-        ("www-authenticate", f'Bearer realm="http://{authority}{path}", error="invalid_token"'),
-    ]

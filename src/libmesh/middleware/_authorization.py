@@ -1,5 +1,5 @@
-"""What the inbound middlewares share about authorization decisions: Envoy's denial body, and
-the log lines for AUDIT policies and denials."""
+"""The log lines the inbound middlewares write for authorization decisions (AUDIT matches and
+denials); the decisions themselves are made in ``libmesh.policy``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from typing import Any
 
 from ..policy._authz import Decision
 
-__all__ = ["RBAC_DENIED", "report_decision"]
+__all__ = ["report_decision"]
 
 logger = logging.getLogger("libmesh")
-
-RBAC_DENIED = b"RBAC: access denied"  # Envoy's body for a request its RBAC filter denies
 
 
 def report_decision(

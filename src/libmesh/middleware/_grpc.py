@@ -23,13 +23,13 @@ import grpc
 import grpc.aio
 
 from ..identity._tls import principal_of_pem
-from ..policy._authz import AuthzRequest
+from ..policy._inbound import Arrival, authorize, refuse_plaintext
 from ..telemetry import InboundRequest, Telemetry
 from ..telemetry._tracing import REQUEST_ID
 from ..transport._jwks import JwksCache
 from ._asgi import _telemetry_of
 from ._authentication import NOTHING, Authenticated, authenticate, authenticate_async
-from ._authorization import RBAC_DENIED, report_decision
+from ._authorization import report_decision
 
 __all__ = ["AsyncMeshServerInterceptor", "MeshServerInterceptor"]
 
@@ -58,55 +58,49 @@ def _decide(
     details: grpc.HandlerCallDetails,
     arrival: tuple[dict[str, str], str, str],
     authenticated: Authenticated,
+    port: int | None,
 ) -> _Verdict:
-    """PeerAuthentication and AuthorizationPolicy for one call (RequestAuthentication ran
-    before, sync or async): a refusal carries the status Envoy would answer with."""
+    """PeerAuthentication and AuthorizationPolicy for one call, decided in ``policy``
+    (RequestAuthentication ran before, sync or async): a refusal carries the status Envoy
+    would answer a gRPC call with."""
     headers, address, principal = arrival
-    refusal = None
-    if authenticated.error:
-        refusal = (grpc.StatusCode.UNAUTHENTICATED, authenticated.error)
-    elif source is not None:
-        inbound = source.engine.inbound
-        if not principal and not inbound.accepts(None, tls=False):
-            mode = inbound.mode(None).value
-            refusal = (
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"mutual TLS required: this workload is {mode} (PeerAuthentication)",
-            )
-        else:
-            authorizer = inbound.authorizer(None)
-            if not authorizer.empty:
-                decision = authorizer.check(
-                    AuthzRequest(
-                        method="POST",
-                        path=details.method,
-                        host=headers.get(":authority", ""),
-                        headers=headers,
-                        principal=principal,
-                        source_ip=address,
-                        jwt_claims=authenticated.claims,
-                    )
-                )
-                report_decision(decision, "POST", details.method, (address,), principal)
-                if not decision.allowed:
-                    refusal = (grpc.StatusCode.PERMISSION_DENIED, RBAC_DENIED.decode())
-    return _Verdict(headers, address, principal, authenticated, refusal)
+    if source is None:
+        return _Verdict(headers, address, principal, authenticated, None)
+    inbound = source.engine.inbound
+    request = Arrival(
+        method="POST",
+        path=details.method,
+        host=headers.get(":authority", ""),
+        headers=headers,
+        principal=principal,
+        source_ip=address,
+        port=port,
+    )
+    refusal = refuse_plaintext(inbound, request)
+    if refusal is None:
+        refusal, decision = authorize(inbound, request, authenticated)
+        if decision is not None:
+            report_decision(decision, "POST", details.method, (address,), principal)
+    code = (getattr(grpc.StatusCode, refusal.grpc_status), refusal.message) if refusal else None
+    return _Verdict(headers, address, principal, authenticated, code)
 
 
-def _judge(source: Any, details: Any, context: Any, jwks: JwksCache) -> _Verdict:
+def _judge(source: Any, details: Any, context: Any, jwks: JwksCache, port: int | None) -> _Verdict:
     arrival = _arrival(details, context)
-    jwt = source.engine.inbound.jwt(None) if source is not None else None
+    jwt = source.engine.inbound.jwt(port) if source is not None else None
     authenticated = authenticate(jwt, arrival[0], "", jwks) if jwt is not None else NOTHING
-    return _decide(source, details, arrival, authenticated)
+    return _decide(source, details, arrival, authenticated, port)
 
 
-async def _ajudge(source: Any, details: Any, context: Any, jwks: JwksCache) -> _Verdict:
+async def _ajudge(
+    source: Any, details: Any, context: Any, jwks: JwksCache, port: int | None
+) -> _Verdict:
     arrival = _arrival(details, context)
-    jwt = source.engine.inbound.jwt(None) if source is not None else None
+    jwt = source.engine.inbound.jwt(port) if source is not None else None
     authenticated = (
         await authenticate_async(jwt, arrival[0], "", jwks) if jwt is not None else NOTHING
     )
-    return _decide(source, details, arrival, authenticated)
+    return _decide(source, details, arrival, authenticated, port)
 
 
 def _start(
@@ -151,10 +145,15 @@ def _end(request: InboundRequest, context: Any, failed: bool, exc: BaseException
 class MeshServerInterceptor(grpc.ServerInterceptor):
     """libmesh's inbound interceptor for ``grpc.server``."""
 
-    def __init__(self, mesh: Any = None, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, mesh: Any = None, *, telemetry: Telemetry | None = None, port: int | None = None
+    ) -> None:
+        """``port``: the port the server listens on, for port-level PeerAuthentication and
+        ``ports`` rules (grpcio does not tell an interceptor)."""
         self.telemetry = _telemetry_of(mesh, telemetry)
         self._source = mesh  # its engine holds the workload's inbound policy
         self._jwks = JwksCache()
+        self._port = port
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: Any
@@ -162,11 +161,11 @@ class MeshServerInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        telemetry, source, jwks = self.telemetry, self._source, self._jwks
+        telemetry, source, jwks, port = self.telemetry, self._source, self._jwks, self._port
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def observed(request_or_iterator: Any, context: Any) -> Any:
-                verdict = _judge(source, details, context, jwks)
+                verdict = _judge(source, details, context, jwks, port)
                 request = _start(telemetry, details, context, verdict)
                 request.__enter__()
                 try:
@@ -183,7 +182,7 @@ class MeshServerInterceptor(grpc.ServerInterceptor):
 
         def streaming(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def observed(request_or_iterator: Any, context: Any) -> Iterator[Any]:
-                verdict = _judge(source, details, context, jwks)
+                verdict = _judge(source, details, context, jwks, port)
                 request = _start(telemetry, details, context, verdict)
                 request.__enter__()
                 try:
@@ -203,10 +202,13 @@ class MeshServerInterceptor(grpc.ServerInterceptor):
 class AsyncMeshServerInterceptor(grpc.aio.ServerInterceptor):
     """libmesh's inbound interceptor for ``grpc.aio.server``."""
 
-    def __init__(self, mesh: Any = None, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, mesh: Any = None, *, telemetry: Telemetry | None = None, port: int | None = None
+    ) -> None:
         self.telemetry = _telemetry_of(mesh, telemetry)
         self._source = mesh
         self._jwks = JwksCache()
+        self._port = port
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details: Any
@@ -214,11 +216,11 @@ class AsyncMeshServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        telemetry, source, jwks = self.telemetry, self._source, self._jwks
+        telemetry, source, jwks, port = self.telemetry, self._source, self._jwks, self._port
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             async def observed(request_or_iterator: Any, context: Any) -> Any:
-                verdict = await _ajudge(source, details, context, jwks)
+                verdict = await _ajudge(source, details, context, jwks, port)
                 request = _start(telemetry, details, context, verdict)
                 request.__enter__()
                 try:
@@ -235,7 +237,7 @@ class AsyncMeshServerInterceptor(grpc.aio.ServerInterceptor):
 
         def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
             async def observed(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
-                verdict = await _ajudge(source, details, context, jwks)
+                verdict = await _ajudge(source, details, context, jwks, port)
                 request = _start(telemetry, details, context, verdict)
                 request.__enter__()
                 try:

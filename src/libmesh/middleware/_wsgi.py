@@ -9,15 +9,16 @@ whole response body (WSGI bodies are iterables that the server drains after the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 from ..identity._tls import principal_of_pem
-from ..policy._authz import AuthzRequest
+from ..policy._inbound import Arrival, Refusal, authorize, refuse_plaintext
 from ..telemetry import InboundRequest, Telemetry
 from ..transport._jwks import JwksCache
 from ._asgi import _telemetry_of
-from ._authentication import NOTHING, Authenticated, authenticate, unauthorized_headers
-from ._authorization import RBAC_DENIED, report_decision
+from ._authentication import NOTHING, Authenticated, authenticate
+from ._authorization import report_decision
 
 __all__ = ["MeshWSGIMiddleware", "WSGIApp", "metrics_wsgi_app"]
 
@@ -49,6 +50,42 @@ class MeshWSGIMiddleware:
         self._source = mesh  # its engine holds the workload's inbound policy
         self._jwks = JwksCache()
 
+    def _admit(
+        self, environ: dict[str, Any], headers: dict[str, str], host: str, principal: str
+    ) -> tuple[Authenticated, Refusal | None]:
+        """The workload's PeerAuthentication, RequestAuthentication and AuthorizationPolicy
+        for one request (decided in ``policy``)."""
+        inbound = self._source.engine.inbound
+        port = environ.get("SERVER_PORT", "")
+        query = environ.get("QUERY_STRING", "")
+        arrival = Arrival(
+            method=environ["REQUEST_METHOD"],
+            # the path as the app routes on it (decoded), so that no encoding of it passes a
+            # path rule the route it reaches should meet
+            path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"),
+            query=query,
+            host=host,
+            headers=headers,
+            principal=principal,
+            source_ip=environ.get("REMOTE_ADDR", ""),
+            destination_ip=environ.get("SERVER_ADDR", ""),
+            port=int(port) if port.isdigit() else None,
+        )
+        refusal = refuse_plaintext(inbound, arrival)
+        if refusal is not None:
+            return NOTHING, refusal
+        jwt = inbound.jwt(arrival.port)
+        authenticated = NOTHING
+        if jwt is not None:
+            authenticated = authenticate(jwt, headers, query, self._jwks)
+            if not authenticated.error:
+                _rewrite_environ(environ, headers, authenticated)
+        refusal, decision = authorize(inbound, arrival, authenticated)
+        if decision is not None:
+            client = (arrival.source_ip,) if arrival.source_ip else None
+            report_decision(decision, arrival.method, arrival.path, client, principal)
+        return authenticated, refusal
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         headers = _headers(environ)
         authority = headers.get("host") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
@@ -62,53 +99,9 @@ class MeshWSGIMiddleware:
         app = self.app
         authenticated = NOTHING
         if self._source is not None:
-            inbound = self._source.engine.inbound
-            port = int(environ["SERVER_PORT"]) if environ.get("SERVER_PORT", "").isdigit() else None
-            if not principal and not inbound.accepts(port, tls=False):
-                refusal = (
-                    f"mutual TLS required: port {port} is {inbound.mode(port).value} "
-                    "(PeerAuthentication)\n"
-                ).encode()
-                return _plain(start_response, "403 Forbidden", refusal)
-            # the path as the app routes on it (decoded), so that no encoding of it passes a
-            # path rule the route it reaches should meet
-            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/")
-            query = environ.get("QUERY_STRING", "")
-            if query:
-                path = f"{path}?{query}"
-            jwt = inbound.jwt(port)
-            if jwt is not None:
-                authenticated = authenticate(jwt, headers, query, self._jwks)
-                if authenticated.error:
-                    refusal = authenticated.error.encode()
-                    start_response(
-                        "401 Unauthorized",
-                        [*unauthorized_headers(authority, path.partition("?")[0]),
-                         ("content-length", str(len(refusal)))],
-                    )  # fmt: skip
-                    return [refusal]
-                _rewrite_environ(environ, headers, authenticated)
-            authorizer = inbound.authorizer(port)
-            if not authorizer.empty:
-                client = environ.get("REMOTE_ADDR", "")
-                decision = authorizer.check(
-                    AuthzRequest(
-                        method=environ["REQUEST_METHOD"],
-                        path=path,
-                        host=authority,
-                        headers=headers,
-                        principal=principal,
-                        source_ip=client,
-                        destination_port=port or 0,
-                        jwt_claims=authenticated.claims,
-                    )
-                )
-                report_decision(
-                    decision, environ["REQUEST_METHOD"], path, (client,) if client else None,
-                    principal,
-                )  # fmt: skip
-                if not decision.allowed:
-                    app = _rbac_denied
+            authenticated, refusal = self._admit(environ, headers, authority, principal)
+            if refusal is not None:
+                app = _refusal_app(refusal)
         request = self.telemetry.inbound_request(
             method=environ["REQUEST_METHOD"],
             path=environ.get("PATH_INFO", "/"),
@@ -154,14 +147,21 @@ def _rewrite_environ(
         headers[name.lower()] = value
 
 
-def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
-    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-    return [body]
+def _refusal_app(refusal: Refusal) -> WSGIApp:
+    """The answer refusing a request, as Envoy gives it (status, the reason as the body)."""
+    body = refusal.message.encode()
+    status = f"{refusal.status} {HTTPStatus(refusal.status).phrase}"
+    headers = [
+        ("Content-Type", "text/plain"),
+        ("Content-Length", str(len(body))),
+        *refusal.headers,
+    ]
 
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response(status, headers)
+        return [body]
 
-def _rbac_denied(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-    """Envoy's answer when an AuthorizationPolicy denies a request."""
-    return _plain(start_response, "403 Forbidden", RBAC_DENIED)
+    return app
 
 
 class _ObservedBody:

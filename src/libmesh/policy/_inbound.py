@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
@@ -15,10 +16,18 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
-from ._authz import Authorizer
-from ._jwt import JwtPolicy
+from ._authz import Authorizer, AuthzRequest, Decision
+from ._jwt import JwtPolicy, ValidatedJwt
 
-__all__ = ["INBOUND_LISTENER", "InboundPolicy", "MtlsMode"]
+__all__ = [
+    "INBOUND_LISTENER",
+    "NOTHING",
+    "Arrival",
+    "Authenticated",
+    "InboundPolicy",
+    "MtlsMode",
+    "Refusal",
+]
 
 INBOUND_LISTENER = "virtualInbound"
 
@@ -122,6 +131,106 @@ def _jwt_policy(filters: Sequence[hcm_pb2.HttpFilter]) -> JwtPolicy | None:
         if not http_filter.disabled and http_filter.typed_config.Unpack(config):
             return JwtPolicy.of(config)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """An inbound request as the server saw it. ``path`` is the path the application routes
+    on (decoded by the server), ``query`` the raw query string; ``principal`` the caller's
+    SPIFFE ID when its certificate was verified, else ``""``; ``port`` the port it came to."""
+
+    method: str
+    path: str
+    query: str = ""
+    host: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    principal: str = ""
+    source_ip: str = ""
+    destination_ip: str = ""
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """What RequestAuthentication made of a request (the token check itself needs the issuer's
+    keys, so the transports run it). ``error``: refuse with 401 and this message."""
+
+    jwt: ValidatedJwt | None = None
+    error: str = ""
+    # headers the app must not see from the caller: the token's, when it is not forwarded, and
+    # every claim header a provider writes (a caller's own would pose as a verified claim)
+    remove_headers: tuple[str, ...] = ()
+    add_headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def principal(self) -> str:
+        return self.jwt.principal if self.jwt is not None else ""
+
+    @property
+    def claims(self) -> Mapping[str, Any] | None:
+        return self.jwt.claims if self.jwt is not None else None
+
+
+NOTHING = Authenticated()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """How a request is refused, as Envoy answers it: an HTTP status, or for gRPC a status
+    name, and the message (the body)."""
+
+    status: int
+    grpc_status: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+RBAC_DENIED = "RBAC: access denied"  # Envoy's body for a request its RBAC filter denies
+
+
+def refuse_plaintext(policy: InboundPolicy, arrival: Arrival) -> Refusal | None:
+    """PeerAuthentication: a plaintext request (no verified client certificate) to a port that
+    requires mutual TLS. The server in front did not terminate the mesh's mTLS, so nothing is
+    known of the caller: refused, as Envoy would refuse the connection."""
+    if arrival.principal or policy.accepts(arrival.port, tls=False):
+        return None
+    mode = policy.mode(arrival.port).value
+    where = f"port {arrival.port}" if arrival.port is not None else "this workload"
+    return Refusal(
+        403, "UNAUTHENTICATED", f"mutual TLS required: {where} is {mode} (PeerAuthentication)"
+    )
+
+
+def authorize(
+    policy: InboundPolicy, arrival: Arrival, authenticated: Authenticated
+) -> tuple[Refusal | None, Decision | None]:
+    """RequestAuthentication's verdict, then AuthorizationPolicy's: (the refusal or ``None``,
+    the authorization decision when a policy was consulted, for the log)."""
+    if authenticated.error:
+        challenge = f'Bearer realm="http://{arrival.host}{arrival.path}", error="invalid_token"'
+        refusal = Refusal(
+            401, "UNAUTHENTICATED", authenticated.error, (("www-authenticate", challenge),)
+        )
+        return refusal, None
+    authorizer = policy.authorizer(arrival.port)
+    if authorizer.empty:
+        return None, None
+    decision = authorizer.check(
+        AuthzRequest(
+            method=arrival.method,
+            path=f"{arrival.path}?{arrival.query}" if arrival.query else arrival.path,
+            host=arrival.host,
+            headers=arrival.headers,
+            principal=arrival.principal,
+            source_ip=arrival.source_ip,
+            destination_ip=arrival.destination_ip,
+            destination_port=arrival.port or 0,
+            jwt_claims=authenticated.claims,
+        )
+    )
+    if decision.allowed:
+        return None, decision
+    return Refusal(403, "PERMISSION_DENIED", RBAC_DENIED), decision
 
 
 PERMISSIVE = InboundPolicy()
