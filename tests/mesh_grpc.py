@@ -11,6 +11,7 @@ python -m tests.mesh_grpc client XDS_ADDRESS TOKEN ACCOUNT TARGET CALLS
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -70,9 +71,41 @@ def client(address: str, token: str, account: str, target: str, calls: int) -> N
     identity.close()
 
 
+def xds_server(address: str, token: str, port: int) -> None:
+    """A grpcio xDS server (shop/echo): meshd's listener decides its TLS and its RBAC, which
+    grpcio enforces itself; it answers the caller's URI SAN."""
+    identity = WorkloadIdentity(
+        address, SpiffeId.for_workload("cluster.local", "shop", "echo"), token=token
+    ).start()
+    identity.wait()
+    directory = Path(tempfile.mkdtemp(prefix="svid-"))
+    identity.write_files(directory)
+    bootstrap = libmesh.xds_bootstrap(
+        xds_address=address, namespace="shop", service_account="echo", certificates=directory
+    )
+    os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = json.dumps(bootstrap)
+
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        names = (context.auth_context() or {}).get("x509_subject_alternative_name", [])
+        return b",".join(names) or b"-"
+
+    instance = grpc.server(futures.ThreadPoolExecutor(max_workers=4), xds=True)
+    handlers = {"Who": grpc.unary_unary_rpc_method_handler(who)}
+    instance.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.Echo", handlers),)
+    )
+    credentials = grpc.xds_server_credentials(grpc.insecure_server_credentials())
+    instance.add_secure_port(f"127.0.0.1:{port}", credentials)
+    instance.start()
+    print("serving", flush=True)
+    instance.wait_for_termination()
+
+
 if __name__ == "__main__":
     role, *rest = sys.argv[1:]
     if role == "server":
         server(rest[0], rest[1], int(rest[2]))
+    elif role == "xds-server":
+        xds_server(rest[0], rest[1], int(rest[2]))
     else:
         client(rest[0], rest[1], rest[2], rest[3], int(rest[4]))

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
@@ -30,6 +31,7 @@ from libmesh.xds import (
     translate,
     translation_key,
 )
+from libmesh.xds._inbound import GRPC_SERVER_TEMPLATE, grpc_server_listener_for
 
 __all__ = ["NodeSnapshot", "Prepared", "Served", "SnapshotCache", "Subscription", "add_nonce"]
 
@@ -124,7 +126,25 @@ class NodeSnapshot:
         everything = self.resources.get(type_url, {})
         if names is None:
             return everything
+        if type_url == LISTENER and GRPC_SERVER_TEMPLATE in everything:
+            for name in names:
+                if name not in everything:
+                    self._grpc_server_listener(everything, name)
         return {n: everything[n] for n in names if n in everything}
+
+    def _grpc_server_listener(self, listeners: Mapping[str, Served], name: str) -> None:
+        """A grpcio xDS server names its listener by its address: made from the template."""
+        template = listener_pb2.Listener()
+        template.ParseFromString(listeners[GRPC_SERVER_TEMPLATE].resource.value)
+        listener = grpc_server_listener_for(template, name)
+        if listener is None:
+            return
+        value = listener.SerializeToString(deterministic=True)
+        served = Served(
+            hashlib.sha256(value).hexdigest()[:16], any_pb2.Any(type_url=LISTENER, value=value)
+        )
+        with self._lock:
+            listeners[name] = served  # type: ignore[index]
 
     def response(
         self,

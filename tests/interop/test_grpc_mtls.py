@@ -118,3 +118,37 @@ def test_grpc_xds_client_refuses_a_server_whose_spiffe_id_is_not_expected(
         assert answer["code"] == "UNAVAILABLE", answer
     finally:
         stop(server)
+
+
+STRICT = """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
+
+
+def test_a_grpcio_xds_server_takes_its_tls_and_rbac_from_meshd(
+    tmp_path: Path, start_meshd: StartMeshd
+) -> None:
+    """grpcio enforces what meshd sends its xDS server: STRICT as mutual TLS with the SVID from
+    the file_watcher provider, and AuthorizationPolicy as RBAC — no libmesh code in the call."""
+    port = unused_port()
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port) + STRICT)
+    meshd = start_meshd(tmp_path / "mesh")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.mesh_grpc", "xds-server", meshd.xds_address,
+         token(meshd, "shop", "echo"), str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "serving"
+        assert client(meshd, "web") == [{"peer": WEB}] * 3
+        [denied] = client(meshd, "intruder", calls=1)
+        assert denied["code"] == "PERMISSION_DENIED", denied
+    finally:
+        output = stop(process)
+    assert "Traceback" not in output, output

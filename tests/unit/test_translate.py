@@ -34,7 +34,10 @@ from google.protobuf.message import Message
 
 from libmesh.config import FrozenMap, Registry, load, load_text
 from libmesh.xds import Locality, Node, Snapshot, cluster_name, parse_cluster_name, translate
-from libmesh.xds._inbound import INBOUND_LISTENER
+from libmesh.xds._inbound import GRPC_SERVER_TEMPLATE, INBOUND_LISTENER
+
+# the workload's own listeners (inbound; grpcio's xDS servers), with their routes inline
+SERVER_LISTENERS = {INBOUND_LISTENER, GRPC_SERVER_TEMPLATE}
 
 CORPUS = Path(__file__).parents[2].parent / "shared" / "istio-corpus" / "valid"
 VALID = sorted(CORPUS.glob("*.yaml"))
@@ -106,14 +109,14 @@ def check_listener_names(snapshot: Snapshot) -> None:
     """A listener, its route configuration and its virtual host are all named ``host:port``
     (Envoy's single proxy listener names each virtual host so); the inbound listener has no
     routes of its own."""
-    assert set(snapshot.routes) == set(snapshot.listeners) - {INBOUND_LISTENER}
+    assert set(snapshot.routes) == set(snapshot.listeners) - SERVER_LISTENERS
     if set(snapshot.listeners) == {"http_proxy"}:
         for vhost in snapshot.routes["http_proxy"].virtual_hosts:
             host, _, port = vhost.name.rpartition(":")
             assert cluster_name(int(port), "", host) in snapshot.clusters
         return
     for name, listener in snapshot.listeners.items():
-        if name == INBOUND_LISTENER:
+        if name in SERVER_LISTENERS:
             continue
         host, _, port = name.rpartition(":")
         assert listener.name == name

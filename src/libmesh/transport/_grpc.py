@@ -1261,6 +1261,8 @@ def xds_bootstrap(
             }
         ],
         "node": node_json,
+        # what a grpcio xDS server (grpc.server(..., xds=True)) asks meshd for
+        "server_listener_resource_name_template": "grpc/server?xds.resource.listening_address=%s",
     }
     if certificates is not None:
         directory = os.path.abspath(certificates)

@@ -29,7 +29,15 @@ from ..config import ConfigSet, Resource, labels_match
 from ..config._security import MutualTLSMode, PeerAuthentication
 from ._tls import ROOT_SECRET, SVID_SECRET, TLS_SOCKET, sds_secret
 
-__all__ = ["INBOUND_LISTENER", "inbound_listener", "peer_authentication_modes"]
+__all__ = [
+    "GRPC_SERVER_PREFIX",
+    "GRPC_SERVER_TEMPLATE",
+    "INBOUND_LISTENER",
+    "grpc_server_listener",
+    "grpc_server_listener_for",
+    "inbound_listener",
+    "peer_authentication_modes",
+]
 
 INBOUND_LISTENER = "virtualInbound"
 _HCM = "envoy.filters.network.http_connection_manager"
@@ -147,3 +155,63 @@ def _connection_manager(
     packed = any_pb2.Any()
     packed.Pack(manager)
     return listener_components_pb2.Filter(name=_HCM, typed_config=packed)
+
+
+# -- grpcio's xDS servers (gRFC A36, A41) -------------------------------------------------------
+
+GRPC_SERVER_TEMPLATE = "grpc/server?xds.resource.listening_address=%s"  # gRPC's and Istio's
+GRPC_SERVER_PREFIX = GRPC_SERVER_TEMPLATE.removesuffix("%s")
+
+
+def grpc_server_listener(
+    modes: InboundModes, http_filters: Sequence[hcm_pb2.HttpFilter] = ()
+) -> listener_pb2.Listener:
+    """What a grpcio xDS server (``grpc.server(..., xds=True)``) of this workload serves: the
+    listener named by gRPC's template, for any address (meshd fills in the one asked for).
+    grpcio cannot tell TLS from plaintext on one port, so, as Istio's proxyless servers,
+    STRICT is mutual TLS (certificate provider ``default``) and PERMISSIVE or DISABLE are
+    plaintext; the RBAC filters are grpcio's own to enforce (gRFC A41)."""
+    listener = listener_pb2.Listener(name=GRPC_SERVER_TEMPLATE, traffic_direction=2)
+    listener.address.socket_address.address = "0.0.0.0"
+    chain = listener.filter_chains.add(name="inbound-grpc")
+    if modes.default is MutualTLSMode.STRICT:
+        context = tls_pb2.DownstreamTlsContext()
+        context.require_client_certificate.value = True
+        common = context.common_tls_context
+        common.tls_certificate_provider_instance.instance_name = SVID_SECRET
+        common.tls_certificate_provider_instance.certificate_name = SVID_SECRET
+        validation = common.validation_context.ca_certificate_provider_instance
+        validation.instance_name = SVID_SECRET
+        validation.certificate_name = ROOT_SECRET
+        chain.transport_socket.name = TLS_SOCKET
+        chain.transport_socket.typed_config.Pack(context)
+    manager = hcm_pb2.HttpConnectionManager(stat_prefix="inbound_grpc")
+    manager.route_config.name = "inbound|grpc|0"
+    host = manager.route_config.virtual_hosts.add(name="inbound|grpc|0", domains=["*"])
+    route = host.routes.add()
+    route.match.prefix = "/"
+    route.non_forwarding_action.SetInParent()  # a server's route: the handler answers
+    manager.http_filters.extend(http_filters)
+    manager.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(
+        router_pb2.Router()
+    )
+    chain.filters.add(name=_HCM).typed_config.Pack(manager)
+    return listener
+
+
+def grpc_server_listener_for(
+    template: listener_pb2.Listener, name: str
+) -> listener_pb2.Listener | None:
+    """The template for the address a grpcio server asked for in ``name``
+    (``grpc/server?xds.resource.listening_address=127.0.0.1:50051``), or ``None``."""
+    if not name.startswith(GRPC_SERVER_PREFIX):
+        return None
+    host, _, port = name[len(GRPC_SERVER_PREFIX) :].rpartition(":")
+    if not port.isdigit():
+        return None
+    listener = listener_pb2.Listener()
+    listener.CopyFrom(template)
+    listener.name = name
+    listener.address.socket_address.address = host.strip("[]") or "0.0.0.0"
+    listener.address.socket_address.port_value = int(port)
+    return listener

@@ -77,7 +77,13 @@ from ..config._networking import (
     StringMatch,
 )
 from ..config._rules import HTTP_PROTOCOLS, is_number
-from ._inbound import INBOUND_LISTENER, inbound_listener, peer_authentication_modes
+from ._inbound import (
+    GRPC_SERVER_TEMPLATE,
+    INBOUND_LISTENER,
+    grpc_server_listener,
+    inbound_listener,
+    peer_authentication_modes,
+)
 from ._jwt import jwt_authn_filter
 from ._rbac import rbac_filters
 from ._snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Locality, Node, Snapshot
@@ -394,7 +400,27 @@ class _Translator:
             self._build_proxy_listener(vhosts)  # Snapshot.of serializes what is not yet
         elif self.node.flavor == "libmesh":
             self._build_inbound_listener()
+        else:  # grpc: what its xDS servers ask for
+            self._build_grpc_server_listener()
         return Snapshot.of(self.resources, serialized)
+
+    def _build_grpc_server_listener(self) -> None:
+        """The listener template for this workload's grpcio xDS servers: PeerAuthentication
+        and AuthorizationPolicy (grpcio has no jwt_authn: RequestAuthentication is not sent)."""
+        node = self.node
+        modes = peer_authentication_modes(
+            self.config, node.namespace, node.labels, self.root_namespace
+        )
+        rbac = rbac_filters(
+            self.config.of_kind("AuthorizationPolicy"),
+            namespace=node.namespace,
+            labels=node.labels,
+            root_namespace=self.root_namespace,
+            trust_domain=self.trust_domain,
+        )
+        self.resources[LISTENER][GRPC_SERVER_TEMPLATE] = grpc_server_listener(
+            modes, rbac.http_filters()
+        )
 
     def _build_inbound_listener(self) -> None:
         """What this workload accepts from its callers: PeerAuthentication (which transports),
