@@ -25,6 +25,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
+from ..xds._tls import ROOT_SECRET, SVID_SECRET
 from ._svid import Svid
 from ._tls import IdentitySource
 
@@ -32,8 +33,6 @@ __all__ = ["ROOT_SECRET", "SECRET_TYPE", "SVID_SECRET", "SdsServer"]
 
 logger = logging.getLogger("libmesh")
 
-SVID_SECRET = "default"
-ROOT_SECRET = "ROOTCA"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 _WAKE = object()
 

@@ -20,6 +20,7 @@ from envoy.extensions.outlier_detection_monitors.consecutive_errors.v3 import (
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from ..xds._tls import TRANSPORT_SOCKET_MATCH
 from ._balancer import Balancer, BalancerConfig, Host
 from ._outlier import OutlierConfig, OutlierDetector
 from ._units import seconds
@@ -181,9 +182,6 @@ class Breaker:
             limits.per_host_max_connections is not None
             and host.active >= limits.per_host_max_connections
         )
-
-
-TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
 
 
 class ClusterKind(enum.Enum):

@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from ..xds._inbound import INBOUND_LISTENER
 from ._authz import Authorizer, AuthzRequest, Decision
 from ._jwt import JwtPolicy, ValidatedJwt
 
@@ -28,8 +29,6 @@ __all__ = [
     "MtlsMode",
     "Refusal",
 ]
-
-INBOUND_LISTENER = "virtualInbound"
 
 
 class MtlsMode(enum.Enum):

@@ -12,11 +12,12 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
+from ..xds._tls import ROOT_SECRET, SVID_SECRET, TLS_SOCKET
+
 __all__ = ["TlsKind", "UpstreamTls", "UpstreamTlsError", "transport_sockets"]
 
-_TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-_MESH_SECRETS = ("default", "ROOTCA")  # Istio's SDS names: the workload's SVID, the roots
+_MESH_SECRETS = (SVID_SECRET, ROOT_SECRET)  # Istio's SDS names: the workload's SVID, the roots
 
 
 class UpstreamTlsError(ValueError):
@@ -91,7 +92,7 @@ _RAW_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v
 def _tls(socket: base_pb2.TransportSocket) -> UpstreamTls | None:
     if socket.name == _RAW or socket.typed_config.type_url == _RAW_TYPE:
         return None
-    if socket.name != _TLS_SOCKET and socket.typed_config.type_url != _TLS_TYPE:
+    if socket.name != TLS_SOCKET and socket.typed_config.type_url != _TLS_TYPE:
         # (never a silent plaintext for what may wrap TLS)
         raise UpstreamTlsError(
             f"transport socket {socket.name or socket.typed_config.type_url!r} is not one "

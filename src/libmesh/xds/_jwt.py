@@ -22,23 +22,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import any_pb2
 
-from ..config import Resource, labels_match
-from ._rbac import JWT_AUTHN_FILTER, JWT_PAYLOAD_KEY
+from ..config import Resource
+from ._rbac import JWT_AUTHN_FILTER, JWT_PAYLOAD_KEY, policy_applies
 
 __all__ = ["jwt_authn_filter"]
 
 _DEFAULT_TIMEOUT_SECONDS = 5  # Istio's default for fetching a jwksUri
-
-
-def _applies(
-    policy: Resource[Any], namespace: str, labels: Mapping[str, str], root_namespace: str
-) -> bool:
-    if policy.namespace not in (namespace, root_namespace):
-        return False
-    spec = policy.spec
-    if spec.target_ref is not None:
-        return False
-    return spec.selector is None or labels_match(spec.selector.match_labels, labels)
 
 
 def jwt_authn_filter(
@@ -53,8 +42,8 @@ def jwt_authn_filter(
     config = jwt_pb2.JwtAuthentication()
     names: list[str] = []
     for policy in policies:
-        if policy.kind != "RequestAuthentication" or not _applies(
-            policy, namespace, labels, root_namespace
+        if policy.kind != "RequestAuthentication" or not policy_applies(
+            policy, namespace=namespace, labels=labels, root_namespace=root_namespace
         ):
             continue
         for index, rule in enumerate(policy.spec.jwt_rules):
