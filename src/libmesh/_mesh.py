@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT", "Mesh", "node_from_environment"]
 
 logger = logging.getLogger("libmesh")
+_SETTLE = 0.05  # seconds a changed file must stay unchanged before it is read (as meshd does)
 
 DEFAULT_XDS_ADDRESS = "127.0.0.1:15010"
 
@@ -339,10 +340,21 @@ class Mesh:
         if self._watcher is not None or loader is None:
             return
 
+        def settled() -> bool:
+            """Wait until the files stop changing (a file being written is seen half-written
+            otherwise); False when the mesh closes first."""
+            seen = loader.fingerprint()
+            while not self._stop.wait(_SETTLE):
+                now = loader.fingerprint()
+                if now == seen:
+                    return True
+                seen = now
+            return False
+
         def loop() -> None:
             while not self._stop.wait(poll_interval):
                 try:
-                    if loader.changed():
+                    if loader.changed() and settled():
                         self.reload()
                 except Exception:  # the watcher must survive anything a file system does
                     logger.exception("libmesh: reloading the configuration failed")
