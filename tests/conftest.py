@@ -157,3 +157,21 @@ def start_meshd(tmp_path: Path) -> Iterator[Callable[..., MeshdProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start libmesh-proxy with these arguments (tests/proxy_process.py); stopped at the end."""
+    from tests.proxy_process import ProxyProcess
+
+    started: list[ProxyProcess] = []
+
+    def start(*args: str) -> ProxyProcess:
+        # saved configuration goes to the test's directory, not ~/.cache
+        proxy = ProxyProcess.start(*args, env={"LIBMESH_STATE_DIR": str(tmp_path / "state")})
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()

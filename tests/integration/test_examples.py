@@ -57,3 +57,28 @@ def test_the_mtls_example_goes_from_permissive_to_strict_with_an_authorization_p
     assert "batch GET  pay -> 403 RBAC: access denied" in out
     assert "plain GET  pay -> refused" in out
     assert "refused a plaintext connection" in out  # pay's log says why
+
+
+def test_the_proxy_example_puts_nginx_and_curl_in_the_mesh_beside_fastapi() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "proxy" / "run.py")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "20 calls: catalog v1 16, v2 4 (the canary: 80/20)" in out
+    assert re.search(
+        r"one answer: web \(called by spiffe://cluster.local/ns/shop/sa/curl\) got from "
+        r"catalog: catalog v\d, called by By=spiffe://cluster.local/ns/shop/sa/catalog;"
+        r"Hash=[0-9a-f]{64};URI=spiffe://cluster.local/ns/shop/sa/web\n",
+        out,
+    )
+    assert "2. curl straight to catalog's port, without mTLS\n   -> refused" in out
+    assert (
+        "3. curl as shop/curl to catalog (only shop/web may call it)\n   -> RBAC: access denied"
+        in out
+    )

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -68,21 +68,6 @@ def routes(v1: int = 100, v2: int = 0) -> str:
 
 
 ROUTES = routes()
-
-
-@pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
-    started: list[ProxyProcess] = []
-
-    def start(*args: str) -> ProxyProcess:
-        # saved configuration goes to the test's directory, not ~/.cache
-        proxy = ProxyProcess.start(*args, env={"LIBMESH_STATE_DIR": str(tmp_path / "state")})
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
 
 
 @pytest.fixture

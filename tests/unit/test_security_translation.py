@@ -4,6 +4,7 @@ the workload's ``virtualInbound`` listener, and what the engine reads back from 
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -252,3 +253,84 @@ def test_the_inbound_verdicts_every_server_applies() -> None:
     assert decision is not None
     assert not decision.allowed
     assert authorize(only_web, web, Authenticated())[0] is None
+
+
+def _envoy_inbound(*documents: str, sds: bool = True) -> tuple[Any, Any]:
+    node = Node(
+        namespace="shop",
+        labels=FrozenMap({"app": "pay"}),
+        flavor="envoy",
+        http_proxy_address="",
+        inbound=(("127.0.0.1:15006", "127.0.0.1:8080"),),
+        sds=sds,
+    )
+    snap = snapshot(*documents, node=node)
+    assert "http_proxy" not in snap.listeners  # LIBMESH_HTTP_PROXY_ADDRESS: off
+    return snap.listeners["inbound_127.0.0.1_15006"], snap.clusters["inbound|15006||"]
+
+
+def test_an_envoys_inbound_port_applies_the_workloads_policies_in_front_of_the_program() -> None:
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm,
+    )
+
+    strict = peer_authentication(
+        "pay", "shop", "{selector: {matchLabels: {app: pay}}, mtls: {mode: STRICT}}"
+    )
+    only_web = """
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: only-web, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: pay}}
+      rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
+    """
+    listener, cluster = _envoy_inbound(strict, only_web)
+    (chain,) = listener.filter_chains
+    manager = hcm.HttpConnectionManager()
+    chain.filters[0].typed_config.Unpack(manager)
+
+    assert listener.address.socket_address.port_value == 15006
+    assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.tls_inspector"]
+    assert chain.filter_chain_match.transport_protocol == "tls"  # STRICT: mTLS only
+    assert [f.name for f in manager.http_filters] == [
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+    assert manager.forward_client_cert_details == hcm.HttpConnectionManager.SANITIZE_SET
+    assert manager.set_current_client_cert_details.uri
+    route = manager.route_config.virtual_hosts[0].routes[0].route
+    assert route.cluster == cluster.name
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+    assert (address.socket_address.address, address.socket_address.port_value) == (
+        "127.0.0.1",
+        8080,
+    )
+    permissive, _ = _envoy_inbound()
+    assert [c.filter_chain_match.transport_protocol for c in permissive.filter_chains] == [
+        "tls",
+        "raw_buffer",
+    ]
+    no_certificates, _ = _envoy_inbound(strict, sds=False)
+    assert list(no_certificates.filter_chains) == []  # STRICT without SDS: nobody, not plaintext
+
+
+def test_an_envoys_inbound_ports_come_from_its_node_metadata() -> None:
+    from envoy.config.core.v3 import base_pb2
+
+    from libmesh.xds._node import NodeError, node_from_proto
+
+    proto = base_pb2.Node(id="nginx.shop", user_agent_name="envoy")
+    proto.metadata.update(
+        {"LIBMESH_INBOUND": "0.0.0.0:15006=127.0.0.1:8080, 127.0.0.1:15007=127.0.0.1:9090",
+         "LIBMESH_HTTP_PROXY_ADDRESS": "off"}
+    )  # fmt: skip
+    node, _ = node_from_proto(proto)
+    assert node.inbound == (
+        ("0.0.0.0:15006", "127.0.0.1:8080"),
+        ("127.0.0.1:15007", "127.0.0.1:9090"),
+    )
+    assert node.http_proxy_address == ""
+    proto.metadata.update({"LIBMESH_INBOUND": "15006=8080"})
+    with pytest.raises(NodeError, match="LIBMESH_INBOUND: '15006' is not host:port"):
+        node_from_proto(proto)

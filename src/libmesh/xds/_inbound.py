@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "GRPC_SERVER_PREFIX",
     "GRPC_SERVER_TEMPLATE",
     "INBOUND_LISTENER",
+    "envoy_inbound",
     "grpc_server_listener",
     "grpc_server_listener_for",
     "inbound_listener",
@@ -103,18 +106,20 @@ def inbound_listener(
     return listener
 
 
+_TRANSPORTS = {
+    MutualTLSMode.STRICT: ("tls",),
+    MutualTLSMode.PERMISSIVE: ("tls", "raw_buffer"),
+    MutualTLSMode.DISABLE: ("raw_buffer",),
+}
+
+
 def _chains(
     listener: listener_pb2.Listener,
     mode: MutualTLSMode,
     port: int | None,
     http_filters: Sequence[hcm_pb2.HttpFilter],
 ) -> None:
-    transports = {
-        MutualTLSMode.STRICT: ("tls",),
-        MutualTLSMode.PERMISSIVE: ("tls", "raw_buffer"),
-        MutualTLSMode.DISABLE: ("raw_buffer",),
-    }[mode]
-    for transport in transports:
+    for transport in _TRANSPORTS[mode]:
         chain = listener.filter_chains.add()
         chain.name = f"{port or 'default'}-{transport}-{mode.value.lower()}"
         if port is not None:
@@ -141,13 +146,23 @@ def _downstream_mtls() -> tls_pb2.DownstreamTlsContext:
 
 def _connection_manager(
     http_filters: Sequence[hcm_pb2.HttpFilter],
+    cluster: str = "inbound|http|0",
+    stat_prefix: str = "inbound_0.0.0.0_15006",
+    *,
+    forwarding: bool = False,
 ) -> listener_components_pb2.Filter:
-    manager = hcm_pb2.HttpConnectionManager(stat_prefix="inbound_0.0.0.0_15006")
-    manager.route_config.name = "inbound|http|0"
-    host = manager.route_config.virtual_hosts.add(name="inbound|http|0", domains=["*"])
+    manager = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix)
+    manager.route_config.name = cluster
+    host = manager.route_config.virtual_hosts.add(name=cluster, domains=["*"])
     route = host.routes.add()
     route.match.prefix = "/"
-    route.route.cluster = "inbound|http|0"
+    route.route.cluster = cluster
+    if forwarding:  # a real Envoy's, forwarding to the program
+        route.route.timeout.SetInParent()  # no limit: the caller's side times the request
+        # the caller's verified identity for the program, never one the caller wrote (as
+        # Istio's sidecars): By=<this workload>;Hash=...;URI=<the caller's SPIFFE ID>
+        manager.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        manager.set_current_client_cert_details.uri = True
     manager.http_filters.extend(http_filters)
     manager.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(
         router_pb2.Router()
@@ -155,6 +170,52 @@ def _connection_manager(
     packed = any_pb2.Any()
     packed.Pack(manager)
     return listener_components_pb2.Filter(name=_HCM, typed_config=packed)
+
+
+# -- Envoy's inbound ports (libmesh-proxy --engine envoy) ---------------------------------------
+
+
+def envoy_inbound(
+    listen: str,
+    app: str,
+    mode: MutualTLSMode,
+    http_filters: Sequence[hcm_pb2.HttpFilter],
+    *,
+    certificates: bool,
+) -> tuple[listener_pb2.Listener, cluster_pb2.Cluster]:
+    """A real Envoy's inbound port at ``listen`` in front of the program at ``app``: the port's
+    PeerAuthentication ``mode`` as filter chains told apart by the TLS inspector, the
+    ``http_filters`` (jwt_authn, RBAC) on each, and a static cluster to the program. Without
+    ``certificates`` (no SDS beside this Envoy) no TLS chain can be served: STRICT then
+    accepts nobody, which is what STRICT asks for rather than plaintext."""
+    host, _, port = listen.rpartition(":")
+    app_host, _, app_port = app.rpartition(":")
+    cluster_name = f"inbound|{port}||"
+    listener = listener_pb2.Listener(name=f"inbound_{host}_{port}", traffic_direction=2)
+    listener.address.socket_address.address = host.strip("[]")
+    listener.address.socket_address.port_value = int(port)
+    inspector = listener.listener_filters.add(name="envoy.filters.listener.tls_inspector")
+    inspector.typed_config.Pack(tls_inspector_pb2.TlsInspector())
+    for transport in _TRANSPORTS[mode]:
+        if transport == "tls" and not certificates:
+            continue
+        chain = listener.filter_chains.add(name=f"{port}-{transport}-{mode.value.lower()}")
+        chain.filter_chain_match.transport_protocol = transport
+        if transport == "tls":
+            chain.transport_socket.name = TLS_SOCKET
+            chain.transport_socket.typed_config.Pack(_downstream_mtls())
+        chain.filters.append(
+            _connection_manager(
+                http_filters, cluster_name, f"inbound_{host}_{port}", forwarding=True
+            )
+        )
+    cluster = cluster_pb2.Cluster(name=cluster_name, type=cluster_pb2.Cluster.STATIC)
+    cluster.connect_timeout.FromSeconds(10)
+    cluster.load_assignment.cluster_name = cluster_name
+    endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
+    endpoint.address.socket_address.address = app_host.strip("[]")
+    endpoint.address.socket_address.port_value = int(app_port)
+    return listener, cluster
 
 
 # -- grpcio's xDS servers (gRFC A36, A41) -------------------------------------------------------

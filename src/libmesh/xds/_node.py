@@ -11,7 +11,12 @@ sidecar does:
 ``INSTANCE_IPS``                the addresses it serves on, comma-separated
 ``POD_PORTS``                   the ports it serves, a JSON list of
                                 ``{"name": "http", "containerPort": 8080}``
-``LIBMESH_HTTP_PROXY_ADDRESS``  for Envoy: where its HTTP listener binds (``host:port``)
+``LIBMESH_HTTP_PROXY_ADDRESS``  for Envoy: where its HTTP listener binds (``host:port``;
+                                ``off``: no such listener)
+``LIBMESH_INBOUND``             for Envoy: its inbound ports and the program behind each,
+                                ``LISTEN=APP,...`` (``0.0.0.0:15006=127.0.0.1:8080``); each
+                                gets a listener applying the workload's PeerAuthentication,
+                                RequestAuthentication and AuthorizationPolicy
 ``LIBMESH_SDS``                 for Envoy: ``"true"`` when its bootstrap has the ``sds-grpc``
                                 cluster (libmesh's SDS server): only then do its clusters use
                                 the mesh's mTLS, whose certificates come from there
@@ -54,6 +59,7 @@ INSTANCE_IPS = "INSTANCE_IPS"
 POD_PORTS = "POD_PORTS"
 HTTP_PROXY_ADDRESS = "LIBMESH_HTTP_PROXY_ADDRESS"
 SDS = "LIBMESH_SDS"
+INBOUND = "LIBMESH_INBOUND"
 USER_AGENT = "libmesh"
 # Istio's: a workload reports its health on its ADS stream as a request of this type, healthy
 # without error_detail, unhealthy with it.
@@ -115,11 +121,12 @@ def node_from_proto(proto: base_pb2.Node) -> tuple[Node, Registration | None]:
         locality=Locality(proto.locality.region, proto.locality.zone, proto.locality.sub_zone),
         service_account=_string(metadata, SERVICE_ACCOUNT) or "default",
         flavor=flavor,
-        http_proxy_address=_string(metadata, HTTP_PROXY_ADDRESS) or "127.0.0.1:15001",
+        http_proxy_address=_proxy_address(metadata),
         sds=str(metadata.get(SDS, "")).lower() == "true" if flavor == "envoy" else True,
+        inbound=_inbound(metadata) if flavor == "envoy" else (),
     )
-    if flavor == "envoy":
-        _check_address(node.http_proxy_address)
+    if flavor == "envoy" and node.http_proxy_address:
+        _check_address(node.http_proxy_address, HTTP_PROXY_ADDRESS)
     ports = _ports(metadata)
     if not ports:
         return node, None
@@ -156,7 +163,24 @@ def _ports(metadata: Mapping[str, Any]) -> FrozenMap[str, int]:
     return FrozenMap(ports)
 
 
-def _check_address(address: str) -> None:
+def _proxy_address(metadata: Mapping[str, Any]) -> str:
+    value = _string(metadata, HTTP_PROXY_ADDRESS)
+    return "" if value == "off" else value or "127.0.0.1:15001"
+
+
+def _inbound(metadata: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    entries = []
+    for entry in filter(None, (e.strip() for e in _string(metadata, INBOUND).split(","))):
+        listen, sep, app = entry.partition("=")
+        if not sep:
+            raise NodeError(f"node metadata {INBOUND} must be LISTEN=APP,..., not {entry!r}")
+        _check_address(listen, INBOUND)
+        _check_address(app, INBOUND)
+        entries.append((listen, app))
+    return tuple(entries)
+
+
+def _check_address(address: str, key: str) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise NodeError(f"node metadata {HTTP_PROXY_ADDRESS} must be host:port, not {address!r}")
+        raise NodeError(f"node metadata {key}: {address!r} is not host:port")

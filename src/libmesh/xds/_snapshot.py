@@ -81,7 +81,10 @@ class Node:
     # Istio's "grpcgen") or "envoy" (a real Envoy: one HTTP listener on http_proxy_address
     # instead of the socketless ones, which Envoy accepts only in its bootstrap).
     flavor: str = "libmesh"
-    http_proxy_address: str = "127.0.0.1:15001"
+    http_proxy_address: str = "127.0.0.1:15001"  # empty: none (an Envoy for inbound only)
+    # For an Envoy: its inbound ports, each (listen address, the program's address), e.g.
+    # (("0.0.0.0:15006", "127.0.0.1:8080"),): libmesh-proxy --engine envoy --inbound
+    inbound: tuple[tuple[str, str], ...] = ()
     # Whether it can get the mesh's certificates: libmesh and grpcio hold their own; an Envoy
     # only with an SDS server beside it (node metadata LIBMESH_SDS).
     sds: bool = True

@@ -80,6 +80,8 @@ from ..config._rules import HTTP_PROTOCOLS, is_number
 from ._inbound import (
     GRPC_SERVER_TEMPLATE,
     INBOUND_LISTENER,
+    InboundModes,
+    envoy_inbound,
     grpc_server_listener,
     inbound_listener,
     peer_authentication_modes,
@@ -185,6 +187,7 @@ def translation_key(node: Node, labels: frozenset[str]) -> Node:
         service_account="",
         flavor=node.flavor,
         http_proxy_address=node.http_proxy_address if node.flavor == "envoy" else "",
+        inbound=node.inbound,
         sds=node.sds,
     )
 
@@ -397,7 +400,9 @@ class _Translator:
                 serialized[type_url].update(unit.serialized[type_url])
         if self.node.flavor == "envoy":
             vhosts = [u.vhost for u in units.values() if u.vhost is not None]
-            self._build_proxy_listener(vhosts)  # Snapshot.of serializes what is not yet
+            if self.node.http_proxy_address:
+                self._build_proxy_listener(vhosts)  # Snapshot.of serializes what is not yet
+            self._build_envoy_inbound()
         elif self.node.flavor == "libmesh":
             self._build_inbound_listener()
         else:  # grpc: what its xDS servers ask for
@@ -407,25 +412,13 @@ class _Translator:
     def _build_grpc_server_listener(self) -> None:
         """The listener template for this workload's grpcio xDS servers: PeerAuthentication
         and AuthorizationPolicy (grpcio has no jwt_authn: RequestAuthentication is not sent)."""
-        node = self.node
-        modes = peer_authentication_modes(
-            self.config, node.namespace, node.labels, self.root_namespace
-        )
-        rbac = rbac_filters(
-            self.config.of_kind("AuthorizationPolicy"),
-            namespace=node.namespace,
-            labels=node.labels,
-            root_namespace=self.root_namespace,
-            trust_domain=self.trust_domain,
-        )
-        self.resources[LISTENER][GRPC_SERVER_TEMPLATE] = grpc_server_listener(
-            modes, rbac.http_filters()
-        )
+        modes, filters = self._inbound_policies(tokens=False)
+        self.resources[LISTENER][GRPC_SERVER_TEMPLATE] = grpc_server_listener(modes, filters)
 
-    def _build_inbound_listener(self) -> None:
-        """What this workload accepts from its callers: PeerAuthentication (which transports),
-        RequestAuthentication (which tokens, as jwt_authn) and AuthorizationPolicy (who, as
-        RBAC filters)."""
+    def _inbound_policies(self, tokens: bool = True) -> tuple[InboundModes, tuple[Any, ...]]:
+        """What this workload accepts from its callers: PeerAuthentication (which transports,
+        per port), then RequestAuthentication (which tokens, as jwt_authn; unless not
+        ``tokens``) and AuthorizationPolicy (who, as RBAC filters) as HTTP filters."""
         node = self.node
         modes = peer_authentication_modes(
             self.config, node.namespace, node.labels, self.root_namespace
@@ -437,16 +430,41 @@ class _Translator:
             root_namespace=self.root_namespace,
             trust_domain=self.trust_domain,
         )
-        authentication = jwt_authn_filter(
-            self.config.of_kind("RequestAuthentication"),
-            namespace=node.namespace,
-            labels=node.labels,
-            root_namespace=self.root_namespace,
+        authentication = (
+            jwt_authn_filter(
+                self.config.of_kind("RequestAuthentication"),
+                namespace=node.namespace,
+                labels=node.labels,
+                root_namespace=self.root_namespace,
+            )
+            if tokens
+            else None
         )
         filters = (authentication,) if authentication is not None else ()
-        self.resources[LISTENER][INBOUND_LISTENER] = inbound_listener(
-            modes, (*filters, *rbac.http_filters())
-        )
+        return modes, (*filters, *rbac.http_filters())
+
+    def _build_inbound_listener(self) -> None:
+        """The ``virtualInbound`` listener libmesh reads its inbound policies from."""
+        modes, filters = self._inbound_policies()
+        self.resources[LISTENER][INBOUND_LISTENER] = inbound_listener(modes, filters)
+
+    def _build_envoy_inbound(self) -> None:
+        """For an Envoy with inbound ports (libmesh-proxy --engine envoy): a listener per port,
+        in front of the program, enforcing the same policies."""
+        if not self.node.inbound:
+            return
+        modes, filters = self._inbound_policies()
+        for listen, app in self.node.inbound:
+            port = int(listen.rpartition(":")[2])
+            listener, cluster = envoy_inbound(
+                listen,
+                app,
+                modes.ports.get(port, modes.default),
+                filters,
+                certificates=self.node.sds,
+            )
+            self.resources[LISTENER][listener.name] = listener
+            self.resources[CLUSTER][cluster.name] = cluster
 
     # incremental translation ----------------------------------------------------------------
 

