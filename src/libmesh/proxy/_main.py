@@ -39,7 +39,8 @@ from .._mesh import DEFAULT_XDS_ADDRESS as DEFAULT_XDS
 from .._mesh import Mesh, _trust_domain, node_from_environment
 from ..middleware import MeshMiddleware
 from ._admin import admin_app
-from ._forward import Drain, Inbound, Outbound
+from ._forward import EXCHANGE_HEADERS, Drain, Inbound, Outbound
+from ._server import Http1Server
 
 __all__ = ["main"]
 
@@ -332,12 +333,12 @@ class Proxy:
         self.drain_time = drain_time
         self.drain_timeout = drain_timeout
         self.drain = Drain()
-        self.servers: list[tuple[Any, Listener]] = []
+        self.outbound: list[tuple[Http1Server, Listener]] = []  # outbound and route ports
+        self.servers: list[tuple[Any, Listener]] = []  # uvicorn's: inbound and admin
         self._inbound: list[Inbound] = []
 
     def _options(self) -> dict[str, Any]:
-        """uvicorn's settings for a proxy: no headers or logs of its own, and a parser that
-        reads absolute-form request lines (httptools; h11 when it is missing)."""
+        """uvicorn's settings for a proxy: no headers or logs of its own."""
         return {
             "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
             "lifespan": "off",
@@ -355,30 +356,31 @@ class Proxy:
 
         from ..middleware._serve import _server
 
-        outbound = self.mesh.async_transport()
+        transport = self.mesh.async_transport(connection_pool="libmesh")
         identity = self.mesh.identity
         own = str(identity.identity) if identity is not None else ""
         for listener in self.listeners:
+            if listener.kind in ("outbound", "route"):
+                target = listener.target if listener.kind == "route" else None
+                handler = Outbound(transport, target=target)
+                self.outbound.append(
+                    (Http1Server(handler, self.drain, drop=EXCHANGE_HEADERS), listener)
+                )
+                continue
+            server: Any
             options = self._options()
-            app: Any
-            if listener.kind == "outbound":
-                app = Outbound(outbound, drain=self.drain)
-                server = uvicorn.Server(uvicorn.Config(app, **options))
-            elif listener.kind == "route":
-                app = Outbound(outbound, target=listener.target, drain=self.drain)
-                server = uvicorn.Server(uvicorn.Config(app, **options))
-            elif listener.kind == "inbound":
+            if listener.kind == "inbound":
                 inbound = Inbound(listener.target, own, self.drain)
                 self._inbound.append(inbound)
                 app = MeshMiddleware(inbound, self.mesh)
                 server = _server(app, self.mesh, listener.host, listener.port, options)
             else:
-                app = admin_app(
+                status = admin_app(
                     self.mesh, [x.describe() for x in self.listeners], lambda: self.drain.active
                 )
-                server = uvicorn.Server(uvicorn.Config(app, **options))
+                server = uvicorn.Server(uvicorn.Config(status, **options))
             # the proxy handles SIGTERM itself, for all its servers at once
-            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+            server.capture_signals = contextlib.nullcontext
             self.servers.append((server, listener))
 
     async def run(self) -> None:
@@ -386,6 +388,8 @@ class Proxy:
         stop = asyncio.Event()
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, stop.set)
+        for http, listener in self.outbound:
+            await http.start(listener.sock)
         tasks = [
             asyncio.create_task(server.serve(sockets=[listener.sock]), name=listener.kind)
             for server, listener in self.servers
@@ -401,6 +405,8 @@ class Proxy:
         failed = [task for task in done if task is not stopping]
         if not failed:
             await self._drain()
+        for http, _ in self.outbound:
+            await http.shutdown(self.drain_timeout)
         for server, _ in self.servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -417,11 +423,11 @@ class Proxy:
         """Refuse new connections, and serve the open ones until their callers leave (each
         answer says ``Connection: close``) or the drain time is up."""
         self.drain.active = True
-        traffic = [server for server, listener in self.servers if listener.kind != "admin"]
-        for server in traffic:
-            for listening in getattr(server, "servers", ()):  # uvicorn's
-                listening.close()
-            if getattr(server, "acceptor", None) is not None:  # libmesh.serve's
+        for http, _ in self.outbound:
+            http.stop_accepting()
+        inbound = [server for server, listener in self.servers if listener.kind == "inbound"]
+        for server in inbound:  # libmesh.serve's
+            if server.acceptor is not None:
                 server.acceptor.cancel()
                 server.listener.close()
         print(
@@ -431,7 +437,10 @@ class Proxy:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_time
-        while loop.time() < deadline and any(s.server_state.connections for s in traffic):
+        while loop.time() < deadline and (
+            any(http.connections for http, _ in self.outbound)
+            or any(s.server_state.connections for s in inbound)
+        ):
             await asyncio.sleep(0.05)
 
     def _banner(self) -> None:

@@ -869,21 +869,42 @@ class _AsyncFinishingStream(httpx.AsyncByteStream):
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
     """The asyncio twin of :class:`MeshTransport`."""
 
-    def __init__(self, source: EngineSource, **transport_options: Any) -> None:
+    def __init__(
+        self, source: EngineSource, *, connection_pool: str = "httpx", **transport_options: Any
+    ) -> None:
+        """``connection_pool``: ``"httpx"`` (httpcore's, with ``transport_options`` for each
+        ``httpx.AsyncHTTPTransport``), or ``"libmesh"``: a lean HTTP/1.1 pool per endpoint
+        (:mod:`libmesh.transport._http1`, needs httptools), what libmesh-proxy uses."""
+        if connection_pool not in ("httpx", "libmesh"):
+            raise ValueError(f"connection_pool is 'httpx' or 'libmesh', not {connection_pool!r}")
         self._base = _Base(source)
         self._options = transport_options
-        self._endpoints: dict[tuple[str, str, UpstreamTls | None], _AsyncEndpointTransport] = {}
+        self._lean = connection_pool == "libmesh"
+        self._endpoints: dict[tuple[str, str, UpstreamTls | None], httpx.AsyncBaseTransport] = {}
         self._passthrough = httpx.AsyncHTTPTransport(**transport_options)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _endpoint(self, cluster: ClusterState, host: Host) -> _AsyncEndpointTransport:
+    def _endpoint(self, cluster: ClusterState, host: Host) -> httpx.AsyncBaseTransport:
         tls = cluster.tls.for_endpoint(host.tls_match)
         key = (cluster.name, host.key, tls)
         transport = self._endpoints.get(key)
         if transport is None:
-            transport = self._endpoints[key] = _AsyncEndpointTransport(
-                host, self._base.tls(tls), **_endpoint_options(cluster, self._options)
-            )
+            if self._lean:
+                from ._http1 import Http1Endpoint
+
+                idle = cluster.settings.idle_timeout
+                transport = Http1Endpoint(
+                    host.address,
+                    host.port,
+                    uds=host.uds,
+                    tls=self._base.tls(tls),
+                    keepalive_expiry=idle if idle is not None else 5.0,
+                )
+            else:
+                transport = _AsyncEndpointTransport(
+                    host, self._base.tls(tls), **_endpoint_options(cluster, self._options)
+                )
+            self._endpoints[key] = transport
         return transport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -656,6 +656,8 @@ class _Translator:
             if self.node.flavor == "grpc":
                 _grpc_load_balancer(cluster)
         _apply_connection_pool(cluster, policy.connection_pool, rules.annotations)
+        if port.protocol in _HTTP2_PROTOCOLS:
+            _speak_http2(cluster)
         _apply_outlier_detection(cluster, policy.outlier_detection, rules.annotations)
         if policy.retry_budget is not None:
             # Istio's applyRetryBudget: a budget is on as soon as it is given; defaults fill it.
@@ -1292,6 +1294,23 @@ def _apply_connection_pool(
         if options.WhichOneof("upstream_protocol_options") is None:
             options.explicit_http_config.http_protocol_options.SetInParent()
         cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
+
+
+_HTTP2_PROTOCOLS = frozenset({"GRPC", "GRPC-Web", "HTTP2"})
+
+
+def _speak_http2(cluster: cluster_pb2.Cluster) -> None:
+    """A gRPC or HTTP/2 port's upstream speaks HTTP/2 (as Istio sets it): a proxy in front of
+    it must too, whatever its caller spoke. A DestinationRule's useClientProtocol stays."""
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    packed = cluster.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
+    if packed is not None:
+        packed.Unpack(options)
+    if options.WhichOneof("upstream_protocol_options") == "use_downstream_protocol_config":
+        return
+    if not options.explicit_http_config.HasField("http2_protocol_options"):
+        options.explicit_http_config.http2_protocol_options.SetInParent()
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
 
 
 def _apply_outlier_detection(

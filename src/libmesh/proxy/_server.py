@@ -1,0 +1,339 @@
+"""The proxy's own HTTP/1.1 server, for its outbound listeners.
+
+An ASGI server would turn each request into dictionaries and each header list into another;
+the outbound side only hands requests to the mesh's transport and its answers back, so this
+server parses with httptools straight into an :class:`httpx.Request` and writes the
+:class:`httpx.Response` straight out. Keep-alive, pipelined requests (answered in order),
+streamed bodies both ways (a request body of known length up to ``RETRY_BUFFER`` is read first,
+so that the mesh can send it again), ``Connection: close`` while draining, an idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+import httpx
+
+from ._forward import RETRY_BUFFER, Drain, forwarded_headers
+
+__all__ = ["Http1Server", "Incoming"]
+
+logger = logging.getLogger("libmesh.proxy")
+
+_HIGH_WATER = 1 << 20  # request body bytes held before reading pauses
+_NO_BODY = frozenset({204, 304})
+_REASONS = {200: b"OK"}
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A request as it came in: the method, the request target as sent (origin or absolute
+    form), the headers, and the body (bytes, or a stream when it is large or chunked)."""
+
+    method: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | AsyncIterator[bytes] = b""
+    version: str = "1.1"
+    _chunks: deque[bytes] = field(default_factory=deque)
+    _done: bool = False
+
+
+Handler = Callable[[Incoming], Awaitable[httpx.Response]]
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: Http1Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: Any = None
+        self.pending: deque[Incoming] = deque()
+        self.current: Incoming | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self.busy = False
+        self.closed = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._streamed: Incoming | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._buffered = 0
+        self._paused = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    # asyncio ----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        self._wake_body()
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self.parser.get_method() == b"CONNECT":
+                self._refuse(
+                    405,
+                    "libmesh-proxy does not tunnel CONNECT: call http://service:port/ through "
+                    "it and the mesh secures the connection (mTLS) itself",
+                )
+            else:
+                self._refuse(
+                    501, "libmesh-proxy does not forward protocol upgrades (WebSocket) yet"
+                )
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"not an HTTP/1.1 request: {exc}")
+
+    def _refuse(self, status: int, message: str) -> None:
+        body = (message + "\n").encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %b\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%b" % (status, _reason(status), len(body), body)
+        )
+        self.transport.close()
+
+    # httptools --------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        request = Incoming(
+            parser.get_method().decode("latin-1"),
+            self._url,
+            self._headers,
+            version=parser.get_http_version(),
+        )
+        length = chunked = None
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                length = int(value) if value.isdigit() else None
+            elif lowered == b"transfer-encoding":
+                chunked = True
+        if chunked or (length is not None and length > RETRY_BUFFER):
+            request.body = self._stream(request)
+            self.pending.append(request)  # answered while its body still arrives
+            self._streamed = request
+            self._start()
+        else:
+            self.current = request
+
+    def on_body(self, body: bytes) -> None:
+        streamed = self._streamed
+        if streamed is not None:
+            streamed._chunks.append(body)
+            self._buffered += len(body)
+            if self._buffered > _HIGH_WATER and not self._paused:
+                self.transport.pause_reading()
+                self._paused = True
+            self._wake_body()
+        elif self.current is not None:
+            self.current._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        streamed = self._streamed
+        if streamed is not None:
+            streamed._done = True
+            self._streamed = None
+            self._wake_body()
+            return
+        request = self.current
+        if request is None:
+            return
+        self.current = None
+        if request._chunks:
+            request.body = b"".join(request._chunks)
+            request._chunks.clear()
+        self.pending.append(request)
+        self._start()
+
+    # answering --------------------------------------------------------------------------------
+
+    def _wake_body(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _stream(self, request: Incoming) -> AsyncIterator[bytes]:
+        while True:
+            while request._chunks:
+                chunk = request._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered < _HIGH_WATER // 4:
+                    self.transport.resume_reading()
+                    self._paused = False
+                yield chunk
+            if request._done:
+                return
+            if self.closed:
+                raise ConnectionError("the caller went away while sending the request body")
+            self._wake = self.loop.create_future()
+            await self._wake
+
+    def _start(self) -> None:
+        if not self.busy:
+            self.busy = True
+            self.worker = self.loop.create_task(self._answer_all())
+
+    async def _answer_all(self) -> None:
+        try:
+            while self.pending and not self.closed:
+                request = self.pending.popleft()
+                keep = await self._answer(request)
+                if not keep:
+                    self.transport.close()
+                    return
+        except Exception:  # a bug: the caller gets its connection closed, the log says why
+            logger.exception("libmesh-proxy: answering a request failed")
+            self.transport.close()
+        finally:
+            self.busy = False
+        self._arm_idle()
+
+    async def _answer(self, request: Incoming) -> bool:
+        """Answer one request; whether the connection stays open."""
+        response = await self.server.handler(request)
+        server = self.server
+        keep = (
+            request.version == "1.1"
+            and not server.drain.active
+            and not _says_close(request.headers)
+            and not _says_close(response.headers.raw)
+        )
+        headers = forwarded_headers(response.headers.raw, drop=server.drop)
+        status = response.status_code
+        bodiless = request.method == "HEAD" or status in _NO_BODY or status < 200
+        length = response.headers.get("content-length")
+        chunked = not bodiless and length is None and request.version == "1.1"
+        if not bodiless and length is None and not chunked:
+            keep = False  # an HTTP/1.0 caller: the body ends where the connection does
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, _reason(status))]
+        lines.extend(b"%b: %b\r\n" % pair for pair in headers)
+        if chunked:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if not keep:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        write = self.transport.write
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        try:
+            if bodiless:
+                write(b"".join(lines))
+                return keep
+            first = True
+            async for chunk in stream:
+                if self.closed:
+                    return False
+                if not chunk:
+                    continue
+                data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                if first:
+                    lines.append(data)
+                    write(b"".join(lines))
+                    first = False
+                else:
+                    write(data)
+            tail = b"0\r\n\r\n" if chunked else b""
+            write(b"".join(lines) + tail if first else tail)
+        except httpx.TransportError as exc:  # the upstream failed mid-answer: cut this one too
+            logger.info("libmesh-proxy: the answer broke off: %s", exc)
+            return False
+        finally:
+            await stream.aclose()
+        return keep
+
+    def _arm_idle(self) -> None:
+        if not self.closed and not self.busy:
+            self._idle = self.loop.call_later(self.server.keep_alive, self._idle_close)
+
+    def _idle_close(self) -> None:
+        if not self.busy and self.current is None:
+            self.transport.close()
+
+    def close_if_idle(self) -> None:
+        if not self.busy and self.current is None and not self.closed:
+            self.transport.close()
+
+
+class Http1Server:
+    """Serves ``handler`` on a bound socket."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        drain: Drain,
+        *,
+        drop: frozenset[bytes] = frozenset(),
+        keep_alive: float = 60.0,
+    ) -> None:
+        self.handler = handler
+        self.drain = drain
+        self.drop = drop
+        self.keep_alive = keep_alive
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, sock: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close the idle connections, give the busy ones ``timeout`` to finish, then cut."""
+        self.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            for connection in list(self.connections):
+                connection.close_if_idle()
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.transport.abort()
+
+
+def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name.lower() == b"connection" and b"close" in value.lower() for name, value in headers
+    )
+
+
+def _reason(status: int) -> bytes:
+    known = _REASONS.get(status)
+    if known is None:
+        from http import HTTPStatus
+
+        try:
+            known = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            known = b""
+        _REASONS[status] = known
+    return known

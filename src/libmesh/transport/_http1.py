@@ -1,0 +1,363 @@
+"""A lean HTTP/1.1 connection pool to one endpoint, for asyncio: what libmesh-proxy sends its
+requests through (``AsyncMeshTransport(..., connection_pool="libmesh")``).
+
+httpcore's pool costs a proxy most of its time: on every request it polls each idle connection
+for readability, looks for sniffio, and wraps the socket in anyio. Here a connection is an
+asyncio protocol with httptools' parser: the event loop already knows when a server closes an
+idle connection (``connection_lost``), timeouts are timer handles rather than tasks, and a body
+is handed over chunk by chunk as it arrives (reading pauses when the caller falls behind).
+
+It speaks httpx's transport interface, and raises httpx's exceptions (``ConnectError``,
+``ConnectTimeout``, ``ReadError``, ``ReadTimeout``, ``RemoteProtocolError``), so the mesh's
+transport decides retries and outlier detection on them as on httpcore's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httptools
+import httpx
+
+__all__ = ["Http1Endpoint"]
+
+_MAX_IDLE = 100
+_HIGH_WATER = 1 << 16  # bytes of response body held before reading pauses
+_CHUNKED = b"chunked"
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: one request at a time, its response parsed as it arrives."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: Any = None  # asyncio's, or uvloop's (not an asyncio.Transport)
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self._head: asyncio.Future[None] | None = None
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._wake: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._paused = False
+        self.complete = False
+        self.keep_alive = True
+        self._until_close = False
+        self.error: Exception | None = None
+
+    # asyncio ----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"the server's answer is not HTTP/1.1: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._status and not self.complete and self._until_close and exc is None:
+            self.complete = True  # an answer without a length ends where the connection does
+            self._notify()
+        if not self.complete:
+            if self._head is not None and not self._head.done():
+                self._fail(
+                    httpx.RemoteProtocolError("the server closed the connection without answering")
+                )
+            else:
+                self._fail(
+                    httpx.ReadError(
+                        f"the server closed the connection mid-answer{f': {exc}' if exc else ''}"
+                    )
+                )
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # httptools --------------------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer: the real one follows
+            self._headers = []
+            return
+        self._status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        self._until_close = not any(
+            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+        self._notify()
+
+    def on_message_complete(self) -> None:
+        if self._status:
+            self.complete = True
+            self._notify()
+
+    # the exchange -----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._notify()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _wait(self, future: asyncio.Future[Any], timeout: float | None, what: str) -> None:
+        timer = (
+            self.loop.call_later(timeout, _expire, future, httpx.ReadTimeout(what))
+            if timeout is not None
+            else None
+        )
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def send(self, request: httpx.Request, head: bytes, timeouts: dict[str, Any]) -> None:
+        """Write the request (streaming its body) and wait for the answer's head."""
+        assert self.transport is not None
+        self._status, self._headers, self.complete, self.error = 0, [], False, None
+        self._until_close = False
+        self._chunks.clear()
+        self._buffered = 0
+        self._head = self.loop.create_future()
+        self.transport.write(head)
+        stream = request.stream
+        chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
+        if isinstance(stream, httpx.ByteStream):
+            body = b"".join(stream)  # one chunk: the whole body
+            if body:
+                self.transport.write(
+                    b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if chunked else body
+                )
+        else:
+            assert isinstance(stream, httpx.AsyncByteStream)
+            async for chunk in stream:
+                if self.closed:
+                    break
+                if chunk:
+                    self.transport.write(
+                        b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                    )
+                if self._writable is not None:
+                    await self._writable
+            if chunked and not self.closed:
+                self.transport.write(b"0\r\n\r\n")
+        await self._wait(self._head, timeouts.get("read"), "no answer within the read timeout")
+
+    def response_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+        return self._status, self._headers
+
+    async def body(self, timeout: float | None) -> AsyncIterator[bytes]:
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered <= _HIGH_WATER // 4 and self.transport:
+                    self.transport.resume_reading()
+                    self._paused = False
+                yield chunk
+            if self.complete:
+                return
+            if self.error is not None:
+                raise self.error
+            self._wake = self.loop.create_future()
+            await self._wait(self._wake, timeout, "the answer stalled past the read timeout")
+
+
+def _expire(future: asyncio.Future[Any], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(
+        self, connection: _Connection, timeout: float | None, release: Callable[[_Connection], None]
+    ) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._release: Callable[[_Connection], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._connection.body(self._timeout):
+                yield chunk
+        except httpx.TransportError:
+            self._connection.close()
+            raise
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release(self._connection)
+
+
+class Http1Endpoint(httpx.AsyncBaseTransport):
+    """HTTP/1.1 to one address (``address``, ``port``, or a Unix socket ``uds``), every
+    request keeping its own URL and Host header; ``tls`` (the mesh transport's) secures and
+    checks each new connection."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        uds: str | None = None,
+        tls: Any = None,
+        keepalive_expiry: float = 5.0,
+    ) -> None:
+        self._address = address
+        self._port = port
+        self._uds = uds
+        self._tls = tls
+        self._expiry = keepalive_expiry
+        self._idle: list[_Connection] = []
+
+    async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = self._tls
+        context = server_name = None
+        if tls is not None:
+            if self._uds is not None:
+                raise httpx.ConnectError(
+                    f"TLS error: the cluster asks for TLS to unix:{self._uds}, which libmesh "
+                    "does not secure (refused rather than sent in plaintext)",
+                    request=request,
+                )
+            context = tls.context()
+            server_name = tls.sni or (request.url.host if tls.name_from_host else None)
+        try:
+            if self._uds is not None:
+                connecting = loop.create_unix_connection(lambda: _Connection(loop), self._uds)
+            else:
+                connecting = loop.create_connection(
+                    lambda: _Connection(loop),
+                    self._address,
+                    self._port,
+                    ssl=context,
+                    server_hostname=server_name if context is not None else None,
+                )
+            transport, connection = await asyncio.wait_for(connecting, timeout)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(
+                f"connecting to {self._address}:{self._port} timed out", request=request
+            ) from exc
+        except ssl.SSLError as exc:
+            raise httpx.ConnectError(f"TLS error: {_reason(exc)}", request=request) from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        if tls is not None:
+            try:
+                tls.check(transport.get_extra_info("ssl_object"))
+            except ssl.SSLError as exc:
+                transport.close()
+                raise httpx.ConnectError(f"TLS error: {_reason(exc)}", request=request) from exc
+        return connection
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < self._expiry:
+                return connection
+            connection.close()
+        return None
+
+    def _release(self, connection: _Connection) -> None:
+        if (
+            connection.complete
+            and connection.keep_alive
+            and not connection.closed
+            and len(self._idle) < _MAX_IDLE
+        ):
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout") or {}
+        head = _head(request)
+        connection = self._take_idle()
+        if connection is None:
+            connection = await self._connect(request, timeouts.get("connect"))
+        try:
+            await connection.send(request, head, timeouts)
+        except httpx.TransportError as exc:
+            connection.close()
+            exc.request = request
+            raise
+        except BaseException:
+            connection.close()
+            raise
+        status, headers = connection.response_head()
+        if request.method == "HEAD":  # no body follows, whatever the headers say
+            connection.complete, connection.keep_alive = True, False
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=_Body(connection, timeouts.get("read"), self._release),
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+def _head(request: httpx.Request) -> bytes:
+    target = request.url.raw_path or b"/"
+    lines = [b"%b %b HTTP/1.1\r\n" % (request.method.encode(), target)]
+    for name, value in request.headers.raw:
+        lines.append(b"%b: %b\r\n" % (name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    if getattr(exc, "verify_message", None):
+        return f"{exc.reason}: {exc.verify_message}"  # type: ignore[attr-defined]
+    return str(exc.args[-1] if exc.args else exc)
