@@ -219,21 +219,23 @@ class _Connection(asyncio.Protocol):
         """Answer one request; whether the connection stays open."""
         response = await self.server.handler(request)
         server = self.server
+        raw = response.headers.raw
         keep = (
             request.version == "1.1"
             and not server.drain.active
             and not _says_close(request.headers)
-            and not _says_close(response.headers.raw)
+            and not _says_close(raw)
         )
-        headers = forwarded_headers(response.headers.raw, drop=server.drop)
         status = response.status_code
-        bodiless = request.method == "HEAD" or status in _NO_BODY or status < 200
-        length = response.headers.get("content-length")
-        chunked = not bodiless and length is None and request.version == "1.1"
-        if not bodiless and length is None and not chunked:
-            keep = False  # an HTTP/1.0 caller: the body ends where the connection does
         lines = [b"HTTP/1.1 %d %b\r\n" % (status, _reason(status))]
-        lines.extend(b"%b: %b\r\n" % pair for pair in headers)
+        length = False
+        for name, value in forwarded_headers(raw, drop=server.drop):  # one pass, no lookups
+            lines.append(b"%b: %b\r\n" % (name, value))
+            length = length or name.lower() == b"content-length"
+        bodiless = request.method == "HEAD" or status in _NO_BODY or status < 200
+        chunked = not bodiless and not length and request.version == "1.1"
+        if not bodiless and not length and not chunked:
+            keep = False  # an HTTP/1.0 caller: the body ends where the connection does
         if chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
         if not keep:

@@ -165,7 +165,10 @@ class _Connection(asyncio.Protocol):
         self._head = self.loop.create_future()
         self.transport.write(head)
         stream = request.stream
-        chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
+        chunked = any(  # (httpx's Headers.get costs more than this scan)
+            name.lower() == b"transfer-encoding" and value.lower() == _CHUNKED
+            for name, value in request.headers.raw
+        )
         if isinstance(stream, httpx.ByteStream):
             body = b"".join(stream)  # one chunk: the whole body
             if body:
