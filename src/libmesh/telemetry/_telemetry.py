@@ -376,9 +376,7 @@ class ClientCall:
         duration_ms = (telemetry.clock() - self._started) * 1000
         destination: Peer | None = None
         if response_headers is not None:
-            exchanged = response_headers.get(PEER_METADATA) or response_headers.get(
-                GRPC_PEER_METADATA
-            )
+            exchanged = _exchanged(response_headers)
             if exchanged:
                 destination = decode_peer(exchanged)
         if destination is None:
@@ -599,3 +597,18 @@ class InboundRequest:
                     reporter="destination",
                 )
             )
+
+
+_EXCHANGED = (PEER_METADATA.encode(), GRPC_PEER_METADATA.encode())
+
+
+def _exchanged(headers: Mapping[str, str]) -> str | None:
+    """The peer's metadata-exchange header: one pass over httpx's raw headers (its ``get``
+    normalizes the name and decodes every value), else a mapping lookup."""
+    raw = getattr(headers, "raw", None)
+    if raw is None:
+        return headers.get(PEER_METADATA) or headers.get(GRPC_PEER_METADATA)
+    for name, value in raw:
+        if name.lower() in _EXCHANGED:
+            return str(value.decode("latin-1"))
+    return None
