@@ -27,9 +27,14 @@ def on_a_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], Non
 
 
 class RawServer:
-    def __init__(self, answer: Answer, close_after: bool = False) -> None:
+    def __init__(
+        self, answer: Answer, close_after: bool = False, keep_alive_for: int | None = None
+    ) -> None:
         self.answer = answer
         self.close_after = close_after
+        # after this many answers, the next request on the connection finds it closed (the
+        # server's keep-alive ran out as the request went out)
+        self.keep_alive_for = keep_alive_for
         self.connections = 0
         self.requests: list[bytes] = []
         self.port = 0
@@ -46,9 +51,12 @@ class RawServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        answered = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if self.keep_alive_for is not None and answered >= self.keep_alive_for:
+                    break
                 body = b""
                 if b"transfer-encoding: chunked" in head.lower():
                     body = await reader.readuntil(b"0\r\n\r\n")
@@ -61,6 +69,7 @@ class RawServer:
                     break
                 writer.write(answer)
                 await writer.drain()
+                answered += 1
                 if self.close_after:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -150,6 +159,24 @@ async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
         await pool.aclose()
     assert (first, second) == (b"once", b"once")
     assert server.connections == 2
+
+
+@on_a_loop
+async def test_a_request_that_meets_a_keep_alive_running_out_is_sent_again_once() -> None:
+    async with RawServer(lambda _: ok(b"fine"), keep_alive_for=1) as server:
+        pool = Http1Endpoint("127.0.0.1", server.port)
+        first = await read(await pool.handle_async_request(request("GET", 1)))
+        second = await read(await pool.handle_async_request(request("POST", 1, b"again")))
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield b"cannot be sent twice"
+
+        with pytest.raises(httpx.RemoteProtocolError):  # a streamed body is not replayed
+            await pool.handle_async_request(request("POST", 1, stream()))
+        await pool.aclose()
+    assert (first, second) == (b"fine", b"fine")
+    assert server.connections == 2
+    assert server.requests[-1].endswith(b"again")
 
 
 @on_a_loop

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -127,6 +128,24 @@ def test_a_port_bound_to_a_service_needs_no_proxy_settings(
     assert posted["path"] == "/orders?id=7"
     assert posted["body"] == "a body"
     assert backends.stats(1)["hosts"] == {"reviews.shop.svc.cluster.local:8080": 1}
+
+
+def test_pipelined_requests_are_answered_in_order(reviews: tuple[Backends, ProxyProcess]) -> None:
+    _, proxy = reviews
+    host = b"Host: reviews.shop.svc.cluster.local:8080\r\n"
+    sent = b"".join(
+        b"GET /%b HTTP/1.1\r\n%b%b\r\n" % (path, host, b"Connection: close\r\n" if last else b"")
+        for path, last in ((b"a", False), (b"b", False), (b"c", True))
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port("outbound")), timeout=10) as caller:
+        caller.sendall(sent)  # all three at once, before any answer
+        received = b""
+        while chunk := caller.recv(65536):
+            received += chunk
+
+    assert re.findall(rb'"path": "(/\w)"', received) == [b"/a", b"/b", b"/c"]
+    assert received.count(b"HTTP/1.1 200 OK") == 3
+    assert received.rstrip().endswith(b"}")  # the connection closed after the third answer
 
 
 def test_curl_gets_retries_timeouts_and_injected_faults(

@@ -27,6 +27,7 @@ __all__ = ["Http1Server", "Incoming"]
 logger = logging.getLogger("libmesh.proxy")
 
 _HIGH_WATER = 1 << 20  # request body bytes held before reading pauses
+_MAX_PIPELINED = 16  # requests read ahead of their answers before reading pauses
 _NO_BODY = frozenset({204, 304})
 _REASONS = {200: b"OK"}
 
@@ -65,6 +66,7 @@ class _Connection(asyncio.Protocol):
         self._wake: asyncio.Future[None] | None = None
         self._buffered = 0
         self._paused = False
+        self._held = False  # reading paused for too many pipelined requests
         self._idle: asyncio.TimerHandle | None = None
 
     # asyncio ----------------------------------------------------------------------------------
@@ -171,6 +173,9 @@ class _Connection(asyncio.Protocol):
             request.body = b"".join(request._chunks)
             request._chunks.clear()
         self.pending.append(request)
+        if len(self.pending) >= _MAX_PIPELINED and not self._held:
+            self.transport.pause_reading()  # a caller far ahead of its answers waits
+            self._held = True
         self._start()
 
     # answering --------------------------------------------------------------------------------
@@ -204,6 +209,9 @@ class _Connection(asyncio.Protocol):
         try:
             while self.pending and not self.closed:
                 request = self.pending.popleft()
+                if self._held and len(self.pending) < _MAX_PIPELINED // 4:
+                    self.transport.resume_reading()
+                    self._held = False
                 keep = await self._answer(request)
                 if not keep:
                     self.transport.close()

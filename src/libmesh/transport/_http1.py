@@ -190,6 +190,11 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(b"0\r\n\r\n")
         await self._wait(self._head, timeouts.get("read"), "no answer within the read timeout")
 
+    @property
+    def silent(self) -> bool:
+        """Whether the server said nothing at all to the request sent last."""
+        return self._status == 0 and not self._headers and not self._chunks
+
     def response_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         return self._status, self._headers
 
@@ -324,10 +329,23 @@ class Http1Endpoint(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout") or {}
         head = _head(request)
         connection = self._take_idle()
+        reused = connection is not None
         if connection is None:
             connection = await self._connect(request, timeouts.get("connect"))
         try:
-            await connection.send(request, head, timeouts)
+            try:
+                await connection.send(request, head, timeouts)
+            except httpx.RemoteProtocolError:
+                if not (
+                    reused and connection.silent and isinstance(request.stream, httpx.ByteStream)
+                ):
+                    raise
+                # The server closed this idle connection as the request went out (its
+                # keep-alive ran out first): nothing was answered, so send it once more on a
+                # new connection, as browsers and urllib3 do.
+                connection.close()
+                connection = await self._connect(request, timeouts.get("connect"))
+                await connection.send(request, head, timeouts)
         except httpx.TransportError as exc:
             connection.close()
             exc.request = request
