@@ -58,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self.pending: deque[Incoming] = deque()
         self.current: Incoming | None = None
         self.worker: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None  # the worker waits here for requests
         self.busy = False
         self.closed = False
         self._url = b""
@@ -82,6 +83,8 @@ class _Connection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
         self._wake_body()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)  # the worker sees the connection is gone
 
     def data_received(self, data: bytes) -> None:
         if self._idle is not None:
@@ -201,13 +204,25 @@ class _Connection(asyncio.Protocol):
             await self._wake
 
     def _start(self) -> None:
-        if not self.busy:
-            self.busy = True
+        if self.busy:
+            return
+        self.busy = True
+        if self.worker is None:
             self.worker = self.loop.create_task(self._answer_all())
+        elif self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
 
     async def _answer_all(self) -> None:
+        """The connection's one worker (a task per connection, not per request): answers what
+        is pending, in order, then waits for more."""
         try:
-            while self.pending and not self.closed:
+            while not self.closed:
+                if not self.pending:
+                    self.busy = False
+                    self._arm_idle()
+                    self._ready = self.loop.create_future()
+                    await self._ready
+                    continue
                 request = self.pending.popleft()
                 if self._held and len(self.pending) < _MAX_PIPELINED // 4:
                     self.transport.resume_reading()
@@ -221,7 +236,6 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
         finally:
             self.busy = False
-        self._arm_idle()
 
     async def _answer(self, request: Incoming) -> bool:
         """Answer one request; whether the connection stays open."""
