@@ -127,6 +127,13 @@ def test_a_port_bound_to_a_service_needs_no_proxy_settings(
     assert posted["instance"] == "instance-1"
     assert posted["path"] == "/orders?id=7"
     assert posted["body"] == "a body"
+    # curl asks for a 100 Continue before a larger body, and waits a second without one
+    big = "x" * 5000
+    sent = curl("-d", big, "-w", "\n%{time_total}", proxy.url("route", "/upload"))
+    body, took = sent.stdout.rsplit("\n", 1)
+    assert json.loads(body)["body"] == big
+    assert float(took) < 0.9
+    assert "expect" not in json.loads(body)["headers"]
     assert backends.stats(1)["hosts"] == {"reviews.shop.svc.cluster.local:8080": 1}
 
 

@@ -215,7 +215,12 @@ class EnvoySupervisor:
                 file=sys.stderr,
                 flush=True,
             )
-            await asyncio.sleep(delay)
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([stopping], timeout=delay)
+            stopping.cancel()
+            if stop.is_set():  # told to stop while Envoy was down: nothing to drain
+                shutil.rmtree(self.directory, ignore_errors=True)
+                return
 
     async def _drain_and_stop(self, exited: asyncio.Task[int]) -> None:
         assert self.process is not None

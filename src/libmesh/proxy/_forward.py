@@ -29,6 +29,7 @@ import httpx
 from .._exceptions import UpstreamError, UpstreamTimeout
 from ..middleware._asgi import Receive, Scope, Send
 from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
+from ..transport._http1 import Http1Endpoint
 
 if TYPE_CHECKING:
     from ._server import Incoming
@@ -67,6 +68,7 @@ _XFCC = b"x-forwarded-client-cert"
 EXCHANGE_HEADERS = _EXCHANGE = frozenset(
     name.encode() for name in (PEER_METADATA, PEER_METADATA + "-id", GRPC_PEER_METADATA)
 )
+_NOT_FOR_THE_APP = _EXCHANGE | {_XFCC}
 _CLOSE = [(b"connection", b"close")]
 
 
@@ -283,14 +285,15 @@ class Inbound:
         self.app = app
         self.own_identity = own_identity
         self.drain = drain or Drain()
-        self.transport = httpx.AsyncHTTPTransport()
         self._url = httpx.URL(f"http://{app}")
+        host, port = self._url.host, self._url.port or 80
+        self.transport: httpx.AsyncBaseTransport = Http1Endpoint(host, port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http":
             raise NotImplementedError(f"libmesh-proxy does not forward {kind} connections yet")
-        headers = forwarded_headers(scope["headers"], drop=_EXCHANGE | {_XFCC})
+        headers = forwarded_headers(scope["headers"], drop=_NOT_FOR_THE_APP)
         identity = _caller(scope)
         if identity is not None:
             headers.append((_XFCC, xfcc(self.own_identity, *identity)))

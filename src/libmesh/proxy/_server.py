@@ -135,12 +135,20 @@ class _Connection(asyncio.Protocol):
             version=parser.get_http_version(),
         )
         length = chunked = None
+        expects = False
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == b"content-length":
                 length = int(value) if value.isdigit() else None
             elif lowered == b"transfer-encoding":
                 chunked = True
+            elif lowered == b"expect" and value.lower() == b"100-continue":
+                expects = True
+        if expects:
+            # The body is read here in any case: say so at once (curl otherwise waits a second
+            # before sending it), and do not ask the upstream again (as Envoy does by default).
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
         if chunked or (length is not None and length > RETRY_BUFFER):
             request.body = self._stream(request)
             self.pending.append(request)  # answered while its body still arrives
@@ -231,6 +239,9 @@ class _Connection(asyncio.Protocol):
                 if not keep:
                     self.transport.close()
                     return
+        except ConnectionError as exc:  # the caller went away mid-request
+            logger.debug("libmesh-proxy: %s", exc)
+            self.transport.close()
         except Exception:  # a bug: the caller gets its connection closed, the log says why
             logger.exception("libmesh-proxy: answering a request failed")
             self.transport.close()
