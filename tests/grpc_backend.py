@@ -7,6 +7,14 @@ It prints one JSON line with the ports, then serves until stdin closes. Each ins
 
     /test.Echo/Behave  {"fail_every": 2, "code": "UNAVAILABLE"}   every 2nd call fails
     /test.Echo/Stats   -> {"calls": 12}
+
+and for streams, metadata and sizes:
+
+    /test.Echo/Count     b"3" -> "<name> says 0", … "<name> says 2", trailing x-counted: 3
+    /test.Echo/Chat      each message back in capitals, as it arrives
+    /test.Echo/Metadata  -> the call's metadata as a JSON object
+    /test.Echo/Sleep     b"2" -> answers after 2 seconds
+    /test.Echo/Size      -> the request's length in bytes
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -47,17 +57,44 @@ class Instance:
     def stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return json.dumps({"calls": self.calls}).encode()
 
+    def count(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for i in range(int(request)):
+            yield f"{self.name} says {i}".encode()
+        context.set_trailing_metadata((("x-counted", request.decode()),))
+
+    def chat(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for message in requests:
+            yield message.upper()
+
+    def metadata(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return json.dumps(dict(context.invocation_metadata())).encode()
+
+    def sleep(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        time.sleep(float(request))
+        return b"awake"
+
+    def size(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return str(len(request)).encode()
+
 
 def serve(count: int) -> None:
     servers = []
     ports = []
     for i in range(count):
         instance = Instance(f"instance-{i}")
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8),
+            options=[("grpc.max_receive_message_length", 16 << 20)],
+        )
         handlers = {
             "Who": grpc.unary_unary_rpc_method_handler(instance.who),
             "Behave": grpc.unary_unary_rpc_method_handler(instance.behave),
             "Stats": grpc.unary_unary_rpc_method_handler(instance.stats),
+            "Count": grpc.unary_stream_rpc_method_handler(instance.count),
+            "Chat": grpc.stream_stream_rpc_method_handler(instance.chat),
+            "Metadata": grpc.unary_unary_rpc_method_handler(instance.metadata),
+            "Sleep": grpc.unary_unary_rpc_method_handler(instance.sleep),
+            "Size": grpc.unary_unary_rpc_method_handler(instance.size),
         }
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("test.Echo", handlers),)

@@ -163,6 +163,27 @@ def test_auto_mtls_the_server_sees_the_callers_spiffe_id(
         mesh.close()
 
 
+def test_libmesh_serve_speaks_http2_in_plaintext_and_over_mtls(
+    meshd: MeshdProcess, pay: Workload
+) -> None:
+    """uvicorn speaks HTTP/1.1 only: libmesh.serve takes HTTP/2 itself, by ALPN on mTLS and by
+    its preface in plaintext (prior knowledge), with the same app and the caller's identity."""
+    mesh = connect(meshd)
+    try:
+        assert mesh.tls is not None
+        context = mesh.tls.client(alpn=("h2",))  # the workload's SVID, the mesh's trust bundle
+        with httpx.Client(http1=False, http2=True, timeout=5) as plain:
+            plaintext = plain.get(f"http://127.0.0.1:{pay.port}/")
+        with httpx.Client(http2=True, verify=context, timeout=5) as secure:
+            mutual = [secure.get(f"https://127.0.0.1:{pay.port}/") for _ in range(3)]
+    finally:
+        mesh.close()
+    assert plaintext.http_version == "HTTP/2"
+    assert plaintext.json() == {"peer": ""}
+    assert [r.http_version for r in mutual] == ["HTTP/2"] * 3
+    assert [r.json() for r in mutual] == [{"peer": WEB_ID}] * 3
+
+
 def test_strict_refuses_plaintext_and_permissive_accepts_both(
     meshd: MeshdProcess, config_dir: Path, pay: Workload
 ) -> None:

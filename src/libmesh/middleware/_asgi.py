@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
+from ..config._rules import GRPC_STATUS_NAMES
 from ..identity._tls import principal_of_pem
 from ..policy._inbound import Arrival, Refusal, authorize, refuse_plaintext
 from ..telemetry import Telemetry
@@ -181,19 +183,39 @@ def _principal(scope: Scope) -> str:
 
 
 def _refusal_app(refusal: Refusal) -> ASGIApp:
-    """The answer refusing a request, as Envoy gives it (status, the reason as the body)."""
+    """The answer refusing a request, as Envoy gives it: the status and the reason as the
+    body; to a gRPC call, a trailers-only answer with the gRPC status and the reason as its
+    message (what a gRPC client reports, rather than a bare HTTP status)."""
     body = refusal.message.encode()
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers]
     headers = [
         (b"content-type", b"text/plain"),
         (b"content-length", str(len(body)).encode()),
-        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers),
+        *extra,
+    ]
+    grpc_headers = [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"%d" % GRPC_STATUS_NAMES.index(refusal.grpc_status)),
+        (b"grpc-message", quote(refusal.message, safe=" ").encode("ascii")),
+        *extra,
     ]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if _is_grpc(scope):
+            await send({"type": "http.response.start", "status": 200, "headers": grpc_headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+def _is_grpc(scope: Scope) -> bool:
+    return any(
+        name == b"content-type" and value.startswith(b"application/grpc")
+        for name, value in scope["headers"]
+    )
 
 
 def _rewrite_headers(scope: Scope, headers: dict[str, str], authenticated: Authenticated) -> None:

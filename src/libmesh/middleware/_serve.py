@@ -11,6 +11,11 @@ takes both on one port — and hands the connection, after the mutual-TLS handsh
 workload's current SVID, to uvicorn's own protocol. Each request's scope then carries the ASGI
 ``tls`` extension with the client's certificate, which :class:`MeshMiddleware` reads as the
 peer's SPIFFE ID (``current_inbound().peer_principal``).
+
+HTTP/2 too, which uvicorn does not speak: a connection that negotiates ``h2`` (ALPN) or opens
+with HTTP/2's preface (prior knowledge, as gRPC clients do in plaintext) is served by
+:class:`~libmesh.middleware._http2.Http2Protocol`, with the same app, the same ``tls``
+extension, and trailers (gRPC's status).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..identity._tls import PeerError, peer_identity
+from ._http2 import PREFACE, Http2Protocol
 
 __all__ = ["serve", "serve_async"]
 
@@ -95,10 +101,18 @@ def _mesh_server(config: Any, mesh: Any) -> Any:
             self.port = self.listener.getsockname()[1]
             protocol = _protocol_class(config.http_protocol_class)
 
-            def create_protocol() -> asyncio.Protocol:
+            def http1() -> asyncio.Protocol:
                 return protocol(  # type: ignore[no-any-return]
                     config=config, server_state=self.server_state, app_state=self.lifespan.state
                 )
+
+            def http2(extensions: dict[str, Any]) -> asyncio.Protocol:
+                return Http2Protocol(
+                    config.loaded_app, extensions=extensions, server_state=self.server_state
+                )
+
+            def create_protocol() -> asyncio.Protocol:
+                return _Chooser(http1, http2)
 
             self.acceptor = asyncio.create_task(
                 _accept(self.listener, create_protocol, self.mesh, self.port)
@@ -188,7 +202,7 @@ async def _admit(
         try:
             if mesh.tls is None:
                 raise ssl.SSLError("this workload has no identity (Mesh.connect(token=...))")
-            context = mesh.tls.server(alpn=("http/1.1",))  # uvicorn speaks HTTP/1.1
+            context = mesh.tls.server(alpn=("h2", "http/1.1"))
         except ssl.SSLError as exc:
             logger.warning("libmesh: refused mTLS from %s: %s", caller, exc)
             connection.close()
@@ -227,6 +241,80 @@ def _reason(exc: BaseException) -> str:
     return str(reason or exc)
 
 
+class _Chooser(asyncio.Protocol):
+    """Hands a connection to HTTP/1.1 (uvicorn's protocol) or HTTP/2: as ALPN chose on TLS;
+    otherwise by its first bytes (HTTP/2's preface, else HTTP/1.1). Envoy offers only Istio's
+    ALPN names on the mesh's mTLS, so a TLS connection without a choice is looked at too."""
+
+    def __init__(
+        self,
+        http1: Callable[[], asyncio.Protocol],
+        http2: Callable[[dict[str, Any]], asyncio.Protocol],
+    ) -> None:
+        self.http1 = http1
+        self.http2 = http2
+        self.transport: Any = None
+        self.seen = b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        if chosen is not None:
+            self._choose(chosen == "h2")
+
+    def data_received(self, data: bytes) -> None:
+        self.seen += data
+        if len(self.seen) < len(PREFACE) and PREFACE.startswith(self.seen):
+            return  # maybe HTTP/2: wait for the rest of the preface
+        self._choose(self.seen.startswith(PREFACE))
+
+    def eof_received(self) -> bool | None:
+        return None  # closed before saying what it speaks
+
+    def _choose(self, http2: bool) -> None:
+        transport = self.transport
+        if http2:
+            try:
+                extensions = _tls_extensions(transport)
+            except PeerError as exc:
+                logger.warning("libmesh: refused mTLS from %s: %s", _peer(transport), exc)
+                transport.close()
+                return
+            protocol = self.http2(extensions)
+        else:
+            protocol = self.http1()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.seen:
+            protocol.data_received(self.seen)
+
+
+def _peer(transport: Any) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a caller"
+
+
+def _tls_extensions(transport: Any) -> dict[str, Any]:
+    """The ASGI ``tls`` extension for a mutual-TLS connection (none for plaintext); raises
+    :class:`PeerError` when the client's certificate is not an SVID."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return {}
+    der = ssl_object.getpeercert(True)
+    peer_identity(der)
+    return {
+        "tls": {
+            "server_cert": None,
+            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "tls_version": None,
+            "cipher_suite": None,
+        }
+    }
+
+
 _PROTOCOLS: dict[type, type] = {}
 
 
@@ -239,31 +327,21 @@ def _protocol_class(base: type) -> type:
 
     def connection_made(self: Any, transport: asyncio.Transport) -> None:
         base.connection_made(self, transport)  # type: ignore[attr-defined]
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is None:
-            return
-        der = ssl_object.getpeercert(True)
         try:
-            peer_identity(der)
+            extensions = _tls_extensions(transport)
         except PeerError as exc:
             logger.warning("libmesh: refused mTLS from %s: %s", self.client, exc)
             transport.close()
             return
-        extension = {
-            "server_cert": None,
-            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
-            "client_cert_name": None,
-            "client_cert_error": None,
-            "tls_version": None,
-            "cipher_suite": None,
-        }
+        if not extensions:
+            return
         app = self.app
 
         async def with_tls(scope: Any, receive: Any, send: Any) -> None:
-            extensions = scope.get("extensions")
-            if extensions is None:
-                extensions = scope["extensions"] = {}
-            extensions["tls"] = extension
+            scope_extensions = scope.get("extensions")
+            if scope_extensions is None:
+                scope_extensions = scope["extensions"] = {}
+            scope_extensions.update(extensions)
             await app(scope, receive, send)
 
         self.app = with_tls

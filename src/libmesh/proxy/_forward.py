@@ -20,16 +20,17 @@ import hashlib
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import httptools
 import httpx
 
 from .._exceptions import UpstreamError, UpstreamTimeout
-from ..middleware._asgi import Receive, Scope, Send
+from ..middleware._asgi import ASGIApp, Receive, Scope, Send
 from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
 from ..transport._http1 import Http1Endpoint
+from ..transport._http2 import Http2Endpoint
 
 if TYPE_CHECKING:
     from ._server import Incoming
@@ -41,6 +42,7 @@ __all__ = [
     "Inbound",
     "Outbound",
     "forwarded_headers",
+    "outbound_app",
     "service_url",
     "xfcc",
 ]
@@ -97,8 +99,8 @@ def forwarded_headers(
         lowered = name.lower()
         if lowered == b"connection":
             extra.update(t.strip().lower() for t in value.split(b",") if t.strip())
-        elif lowered not in named:
-            kept.append((name, value))
+        elif lowered not in named or (lowered == b"te" and value.lower() == b"trailers"):
+            kept.append((name, value))  # (gRPC needs "te: trailers" end to end, as Envoy keeps it)
     if extra:  # rare: a Connection header naming more than itself
         kept = [(name, value) for name, value in kept if name.lower() not in extra]
     return kept
@@ -137,17 +139,25 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
 
 
 async def _request_content(scope: Scope, receive: Receive) -> bytes | AsyncIterator[bytes]:
-    """The body to send on: bytes when it is small enough to replay, else a stream."""
-    length = None
-    chunked = False
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            length = int(value) if value.isdigit() else None
-        elif name == b"transfer-encoding":
-            chunked = True
-    if not chunked and (length is None or length <= RETRY_BUFFER):
-        return b"".join([chunk async for chunk in _body(receive)])
-    return _body(receive)
+    """The body to send on: bytes when it came whole in the first message or is small enough
+    to replay (and has a length), else a stream — a gRPC stream's body has no end to wait for."""
+    first = await receive()
+    if first["type"] == "http.disconnect":
+        raise ConnectionError("the caller went away while sending the request body")
+    body: bytes = first.get("body", b"")
+    if not first.get("more_body", False):
+        return body
+    length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if length is not None and length.isdigit() and int(length) <= RETRY_BUFFER:
+        return body + b"".join([chunk async for chunk in _body(receive)])
+    return _then(body, _body(receive))
+
+
+async def _then(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
@@ -166,8 +176,14 @@ async def _reply(send: Send, status: int, message: str, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
-async def _relay(response: httpx.Response, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
-    """Stream ``response`` to the caller as it arrives."""
+async def _relay(
+    response: httpx.Response, send: Send, extra: list[tuple[bytes, bytes]], scope: Scope
+) -> None:
+    """Stream ``response`` to the caller as it arrives, and its trailers after it (an HTTP/2
+    answer's, to a caller whose server takes them: gRPC's status)."""
+    trailers: list[tuple[bytes, bytes]] | None = response.extensions.get("trailers")
+    if trailers is not None and "http.response.trailers" not in scope.get("extensions", ()):
+        trailers = None
     try:
         headers = forwarded_headers(response.headers.raw, drop=_EXCHANGE)
         await send(
@@ -175,6 +191,7 @@ async def _relay(response: httpx.Response, send: Send, extra: list[tuple[bytes, 
                 "type": "http.response.start",
                 "status": response.status_code,
                 "headers": headers + extra if extra else headers,
+                "trailers": trailers is not None,
             }
         )
         stream = response.stream
@@ -182,9 +199,31 @@ async def _relay(response: httpx.Response, send: Send, extra: list[tuple[bytes, 
         async for chunk in stream:
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        if trailers is None:
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
+            await send({"type": "http.response.trailers", "headers": trailers})
     finally:
         await response.aclose()
+
+
+def outbound_app(handler: Callable[[Incoming], Awaitable[httpx.Response]]) -> ASGIApp:
+    """The outbound handler as an ASGI app, for the HTTP/2 (h2c, gRPC) connections that the
+    proxy's HTTP/1.1 server hands over to :class:`~libmesh.middleware._http2.Http2Protocol`."""
+    from ._server import Incoming
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = Incoming(
+            scope["method"],
+            _target(scope),
+            list(scope["headers"]),
+            await _request_content(scope, receive),
+            version="2",
+        )
+        await _relay(await handler(incoming), send, [], scope)
+
+    return app
 
 
 class Outbound:
@@ -288,6 +327,7 @@ class Inbound:
         self._url = httpx.URL(f"http://{app}")
         host, port = self._url.host, self._url.port or 80
         self.transport: httpx.AsyncBaseTransport = Http1Endpoint(host, port)
+        self.grpc_transport: httpx.AsyncBaseTransport = Http2Endpoint(host, port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -303,17 +343,21 @@ class Inbound:
             headers=headers,
             content=await _request_content(scope, receive),
         )
+        # gRPC exists only over HTTP/2 (with trailers); everything else goes as HTTP/1.1
+        grpc = (request.headers.get("content-type") or "").startswith("application/grpc")
+        transport = self.grpc_transport if grpc else self.transport
         try:
-            response = await self.transport.handle_async_request(request)
+            response = await transport.handle_async_request(request)
         except httpx.TransportError as exc:
             logger.warning("libmesh-proxy: the app at %s did not answer: %s", self.app, exc)
             message = f"the app at {self.app} did not answer: {exc}"
             await _reply(send, 503, message, self.drain.headers())
             return
-        await _relay(response, send, self.drain.headers())
+        await _relay(response, send, self.drain.headers(), scope)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+        await self.grpc_transport.aclose()
 
 
 def _caller(scope: Scope) -> tuple[str, bytes | None] | None:

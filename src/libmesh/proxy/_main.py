@@ -474,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its own requests: not news
+    for chatty in ("hpack", "h2"):  # every header of every HTTP/2 frame, at debug
+        logging.getLogger(chatty).setLevel(logging.INFO)
     if args.engine == "envoy":
         try:
             return _run_envoy(args, _listeners(args))

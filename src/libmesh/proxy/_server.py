@@ -1,4 +1,5 @@
-"""The proxy's own HTTP/1.1 server, for its outbound listeners.
+"""The proxy's own HTTP/1.1 server, for its outbound listeners (a connection that opens with
+HTTP/2's preface — h2c, gRPC — goes to :mod:`libmesh.middleware._http2` instead).
 
 An ASGI server would turn each request into dictionaries and each header list into another;
 the outbound side only hands requests to the mesh's transport and its answers back, so this
@@ -20,7 +21,9 @@ from typing import Any
 import httptools
 import httpx
 
-from ._forward import RETRY_BUFFER, Drain, forwarded_headers
+from ..middleware._asgi import ASGIApp
+from ..middleware._http2 import PREFACE, Http2Protocol
+from ._forward import RETRY_BUFFER, Drain, forwarded_headers, outbound_app
 
 __all__ = ["Http1Server", "Incoming"]
 
@@ -69,6 +72,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._held = False  # reading paused for too many pipelined requests
         self._idle: asyncio.TimerHandle | None = None
+        self._fresh = True  # nothing read yet: HTTP/2's preface is looked for
+        self._seen = b""
 
     # asyncio ----------------------------------------------------------------------------------
 
@@ -90,6 +95,15 @@ class _Connection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        if self._fresh:
+            self._seen += data
+            if len(self._seen) < len(PREFACE) and PREFACE.startswith(self._seen):
+                return  # maybe HTTP/2: wait for the rest of the preface
+            self._fresh = False
+            data, self._seen = self._seen, b""
+            if data.startswith(PREFACE):
+                self._to_http2(data)
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -105,6 +119,17 @@ class _Connection(asyncio.Protocol):
                 )
         except httptools.HttpParserError as exc:
             self._refuse(400, f"not an HTTP/1.1 request: {exc}")
+
+    def _to_http2(self, data: bytes) -> None:
+        """HTTP/2 with prior knowledge (h2c, gRPC): the connection goes to the HTTP/2 server,
+        with the same handler behind it."""
+        server = self.server
+        server.connections.discard(self)
+        protocol = Http2Protocol(server.http2_app(), on_close=server.connections.discard)
+        server.connections.add(protocol)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(data)
 
     def _refuse(self, status: int, message: str) -> None:
         body = (message + "\n").encode()
@@ -331,8 +356,14 @@ class Http1Server:
         self.drain = drain
         self.drop = drop
         self.keep_alive = keep_alive
-        self.connections: set[_Connection] = set()
+        self.connections: set[_Connection | Http2Protocol] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._http2: ASGIApp | None = None
+
+    def http2_app(self) -> ASGIApp:
+        if self._http2 is None:
+            self._http2 = outbound_app(self.handler)
+        return self._http2
 
     async def start(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -349,7 +380,10 @@ class Http1Server:
         deadline = loop.time() + timeout
         while self.connections and loop.time() < deadline:
             for connection in list(self.connections):
-                connection.close_if_idle()
+                if isinstance(connection, Http2Protocol):
+                    connection.shutdown()  # GOAWAY: closed once its streams are answered
+                else:
+                    connection.close_if_idle()
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.transport.abort()

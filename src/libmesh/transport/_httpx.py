@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import ssl
 import threading
@@ -183,6 +184,11 @@ def _failure_of(exc: httpx.TransportError) -> Failure:
     return Failure.RESET
 
 
+def _is_grpc(request: httpx.Request) -> bool:
+    content_type = _header(request.headers, b"content-type")
+    return content_type is not None and content_type.startswith("application/grpc")
+
+
 def _grpc_status(call: Call, response: httpx.Response) -> int | None:
     """The gRPC status in the response headers, looked up only if a retry policy needs it."""
     if not call.wants_grpc_status:
@@ -263,6 +269,9 @@ class _Base:
         """The call is over: one metric sample, the spans end, one access-log line."""
         headers = response.headers if response is not None else None
         grpc_status = (_header(headers, b"grpc-status") or "") if headers is not None else ""
+        if not grpc_status and response is not None:  # an HTTP/2 answer's trailers, once read
+            trailers = response.extensions.get("trailers") or ()
+            grpc_status = next((v.decode() for k, v in trailers if k == b"grpc-status"), "")
         observed.finish(
             status=status,
             flags=flags or "-",
@@ -880,20 +889,27 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._base = _Base(source)
         self._options = transport_options
         self._lean = connection_pool == "libmesh"
-        self._endpoints: dict[tuple[str, str, UpstreamTls | None], httpx.AsyncBaseTransport] = {}
+        self._endpoints: dict[
+            tuple[str, str, UpstreamTls | None, bool], httpx.AsyncBaseTransport
+        ] = {}
         self._passthrough = httpx.AsyncHTTPTransport(**transport_options)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _endpoint(self, cluster: ClusterState, host: Host) -> httpx.AsyncBaseTransport:
+    def _endpoint(
+        self, cluster: ClusterState, host: Host, http2: bool = False
+    ) -> httpx.AsyncBaseTransport:
         tls = cluster.tls.for_endpoint(host.tls_match)
-        key = (cluster.name, host.key, tls)
+        key = (cluster.name, host.key, tls, http2)
         transport = self._endpoints.get(key)
         if transport is None:
             if self._lean:
                 from ._http1 import Http1Endpoint
+                from ._http2 import Http2Endpoint
 
                 idle = cluster.settings.idle_timeout
-                transport = Http1Endpoint(
+                if http2 and tls is not None:
+                    tls = dataclasses.replace(tls, alpn=("h2",))
+                transport = (Http2Endpoint if http2 else Http1Endpoint)(
                     host.address,
                     host.port,
                     uds=host.uds,
@@ -906,6 +922,11 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 )
             self._endpoints[key] = transport
         return transport
+
+    def _http2(self, attempt: Attempt, request: httpx.Request) -> bool:
+        """Whether the lean pool speaks HTTP/2 to the endpoint: the cluster says so (a gRPC or
+        HTTP/2 port, ``h2UpgradePolicy``), or the request is gRPC, which exists only there."""
+        return self._lean and (attempt.cluster.settings.http2 or _is_grpc(request))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         engine = self._base._source.engine
@@ -958,7 +979,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def _try(
         self, call: Call, attempt: Attempt, request: httpx.Request, observed: ClientCall
     ) -> Any:
-        transport = self._endpoint(attempt.cluster, attempt.host)
+        transport = self._endpoint(attempt.cluster, attempt.host, self._http2(attempt, request))
         saved = self._base._prepare(request, attempt)
         _set_headers(request.headers, observed.attempt(attempt.host.key, attempt.cluster.name))
         try:
@@ -1015,7 +1036,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 call.abandon(loser)
 
     async def _send_one(self, attempt: Attempt, request: httpx.Request) -> httpx.Response | Failure:
-        transport = self._endpoint(attempt.cluster, attempt.host)
+        transport = self._endpoint(attempt.cluster, attempt.host, self._http2(attempt, request))
         self._base._prepare(request, attempt)
         try:
             return await transport.handle_async_request(request)
@@ -1047,7 +1068,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     def _send_mirrors(self, call: Call, request: httpx.Request) -> None:
         for cluster, host in call.mirrors():
             shadow = self._base._mirror_request(request)
-            task = asyncio.ensure_future(self._mirror(self._endpoint(cluster, host), shadow))
+            endpoint = self._endpoint(cluster, host, self._lean and _is_grpc(shadow))
+            task = asyncio.ensure_future(self._mirror(endpoint, shadow))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
