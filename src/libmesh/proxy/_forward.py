@@ -16,20 +16,25 @@ first so that the mesh can send it again (retries, hedging, mirrors), as Envoy b
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import hashlib
 import logging
+import os
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import httpx
 
 from .._exceptions import UpstreamError, UpstreamTimeout
+from ..identity._tls import principal_of_pem
 from ..middleware._asgi import ASGIApp, Receive, Scope, Send
 from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
-from ..transport._http1 import Http1Endpoint
+from ..transport._http1 import Http1Endpoint, Tunnel
 from ..transport._http2 import Http2Endpoint
 
 if TYPE_CHECKING:
@@ -257,6 +262,8 @@ class Outbound:
                 authority = (parsed.host + port).decode("latin-1")
             target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
         headers = forwarded_headers(incoming.headers)
+        if incoming.upgrade and incoming.upgrade.lower() != b"h2c":  # (h2c: answered in 1.1)
+            headers += [(b"connection", b"upgrade"), (b"upgrade", incoming.upgrade)]
         if authority is None:
             authority = next((v.decode("latin-1") for k, v in headers if k.lower() == b"host"), "")
             if not authority:
@@ -331,8 +338,11 @@ class Inbound:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if kind != "http":
-            raise NotImplementedError(f"libmesh-proxy does not forward {kind} connections yet")
+            raise NotImplementedError(f"libmesh-proxy does not forward {kind} connections")
         headers = forwarded_headers(scope["headers"], drop=_NOT_FOR_THE_APP)
         identity = _caller(scope)
         if identity is not None:
@@ -355,6 +365,66 @@ class Inbound:
             return
         await _relay(response, send, self.drain.headers(), scope)
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket (the server in front did the caller's handshake): the same handshake
+        with the program, then each message passed on as it comes, both ways, until a side
+        closes (its close code passed on too)."""
+        from wsproto.connection import Connection, ConnectionType
+
+        if (await receive())["type"] != "websocket.connect":
+            return
+        key = base64.b64encode(os.urandom(16))
+        headers = [
+            (name, value)
+            for name, value in forwarded_headers(scope["headers"], drop=_NOT_FOR_THE_APP)
+            if not name.startswith(b"sec-websocket-")  # (extensions are per hop: none here)
+        ]
+        headers += [
+            (b"connection", b"upgrade"),
+            (b"upgrade", b"websocket"),
+            (b"sec-websocket-version", b"13"),
+            (b"sec-websocket-key", key),
+        ]
+        if scope.get("subprotocols"):
+            headers.append((b"sec-websocket-protocol", ", ".join(scope["subprotocols"]).encode()))
+        identity = _caller(scope)
+        if identity is not None:
+            headers.append((_XFCC, xfcc(self.own_identity, *identity)))
+        url = self._url.copy_with(raw_path=_target(scope))
+        try:
+            response = await self.transport.handle_async_request(
+                httpx.Request("GET", url, headers=headers)
+            )
+        except httpx.TransportError as exc:
+            logger.warning("libmesh-proxy: the app at %s did not answer: %s", self.app, exc)
+            await send({"type": "websocket.close", "code": 1011})  # the caller gets a 403
+            return
+        tunnel: Tunnel | None = response.extensions.get("libmesh.tunnel")
+        accepted = response.headers.get("sec-websocket-accept", "").encode()
+        if response.status_code != 101 or tunnel is None or accepted != _accept(key):
+            await response.aclose()
+            if tunnel is not None:
+                tunnel.close()
+            logger.info(
+                "libmesh-proxy: the app at %s refused a WebSocket (%d)",
+                self.app,
+                response.status_code,
+            )
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send(
+            {
+                "type": "websocket.accept",
+                "subprotocol": response.headers.get("sec-websocket-protocol"),
+            }
+        )
+        relay = _WebSocketRelay(Connection(ConnectionType.CLIENT), tunnel, receive, send)
+        try:
+            await relay.run()
+        finally:
+            tunnel.close()
+            await response.aclose()
+
     async def aclose(self) -> None:
         await self.transport.aclose()
         await self.grpc_transport.aclose()
@@ -364,10 +434,96 @@ def _caller(scope: Scope) -> tuple[str, bytes | None] | None:
     """The caller's verified SPIFFE ID and certificate (DER), when it presented one."""
     state = scope.get("state") or {}
     inbound = state.get("libmesh")
-    principal = getattr(inbound, "peer_principal", "")
-    if not principal:
-        return None
     tls = (scope.get("extensions") or {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or ()
+    principal = getattr(inbound, "peer_principal", "")
+    if inbound is None and chain and not tls.get("client_cert_error"):  # (a WebSocket's)
+        principal = principal_of_pem(chain[0])
+    if not principal:
+        return None
     der = ssl.PEM_cert_to_DER_cert(chain[0]) if chain else None
     return principal, der
+
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept a server must answer ``key`` with (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+class _WebSocketRelay:
+    """Messages between the caller's WebSocket (ASGI, framed by the server in front) and the
+    program's (frames on the tunnel, read and written with wsproto)."""
+
+    def __init__(self, websocket: Any, tunnel: Tunnel, receive: Receive, send: Send) -> None:
+        self.websocket = websocket
+        self.tunnel = tunnel
+        self.receive = receive
+        self.send = send
+        self.arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def run(self) -> None:
+        self.tunnel.start(self.arrived.put_nowait, lambda: self.arrived.put_nowait(None))
+        sides = [
+            asyncio.ensure_future(self._from_caller()),
+            asyncio.ensure_future(self._from_program()),
+        ]
+        try:
+            await asyncio.wait(sides, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for side in sides:
+                side.cancel()
+            for side in sides:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await side
+
+    def _write(self, event: Any) -> None:
+        from wsproto.utilities import LocalProtocolError
+
+        with contextlib.suppress(LocalProtocolError):  # (closing already)
+            self.tunnel.write(self.websocket.send(event))
+
+    async def _from_caller(self) -> None:
+        from wsproto.events import CloseConnection, Message
+
+        while True:
+            message = await self.receive()
+            if message["type"] == "websocket.receive":
+                text = message.get("text")
+                self._write(Message(data=text if text is not None else message.get("bytes", b"")))
+            elif message["type"] == "websocket.disconnect":
+                self._write(CloseConnection(code=message.get("code", 1000)))
+                return
+
+    async def _from_program(self) -> None:
+        from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+        parts: list[Any] = []
+        while (data := await self.arrived.get()) is not None:
+            self.websocket.receive_data(data)
+            for event in self.websocket.events():
+                if isinstance(event, TextMessage | BytesMessage):
+                    parts.append(event.data)
+                    if event.message_finished:
+                        text = isinstance(event, TextMessage)
+                        whole = "".join(parts) if text else b"".join(parts)
+                        parts = []
+                        await self.send(
+                            {"type": "websocket.send", "text" if text else "bytes": whole}
+                        )
+                elif isinstance(event, Ping):
+                    self._write(event.response())
+                elif isinstance(event, CloseConnection):
+                    self._write(event.response())
+                    await self.send(
+                        {
+                            "type": "websocket.close",
+                            "code": event.code,
+                            "reason": event.reason or "",
+                        }
+                    )
+                    return
+        # the program went away without a close frame: the caller learns of it as abnormal
+        await self.send({"type": "websocket.close", "code": 1011})

@@ -23,6 +23,7 @@ import httpx
 
 from ..middleware._asgi import ASGIApp
 from ..middleware._http2 import PREFACE, Http2Protocol
+from ..transport._http1 import Tunnel
 from ._forward import RETRY_BUFFER, Drain, forwarded_headers, outbound_app
 
 __all__ = ["Http1Server", "Incoming"]
@@ -45,6 +46,7 @@ class Incoming:
     headers: list[tuple[bytes, bytes]]
     body: bytes | AsyncIterator[bytes] = b""
     version: str = "1.1"
+    upgrade: bytes = b""  # the protocol an Upgrade request asks for (websocket)
     _chunks: deque[bytes] = field(default_factory=deque)
     _done: bool = False
 
@@ -74,6 +76,7 @@ class _Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._fresh = True  # nothing read yet: HTTP/2's preface is looked for
         self._seen = b""
+        self._early = b""  # what a caller sent after its Upgrade request, before the answer
 
     # asyncio ----------------------------------------------------------------------------------
 
@@ -106,17 +109,16 @@ class _Connection(asyncio.Protocol):
                 return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             if self.parser.get_method() == b"CONNECT":
                 self._refuse(
                     405,
                     "libmesh-proxy does not tunnel CONNECT: call http://service:port/ through "
                     "it and the mesh secures the connection (mTLS) itself",
                 )
-            else:
-                self._refuse(
-                    501, "libmesh-proxy does not forward protocol upgrades (WebSocket) yet"
-                )
+            else:  # answered in turn; what follows the request is the tunnel's
+                self._early = data[upgrade.args[0] :]
+                self.transport.pause_reading()
         except httptools.HttpParserError as exc:
             self._refuse(400, f"not an HTTP/1.1 request: {exc}")
 
@@ -169,6 +171,10 @@ class _Connection(asyncio.Protocol):
                 chunked = True
             elif lowered == b"expect" and value.lower() == b"100-continue":
                 expects = True
+        if parser.should_upgrade():
+            request.upgrade = next(
+                (v for k, v in self._headers if k.lower() == b"upgrade"), b""
+            ).strip()
         if expects:
             # The body is read here in any case: say so at once (curl otherwise waits a second
             # before sending it), and do not ask the upstream again (as Envoy does by default).
@@ -285,6 +291,12 @@ class _Connection(asyncio.Protocol):
             and not _says_close(raw)
         )
         status = response.status_code
+        if request.upgrade:
+            tunnel = response.extensions.get("libmesh.tunnel")
+            if status == 101 and tunnel is not None:
+                await self._tunnel(response, tunnel)
+                return False
+            keep = False  # the caller's bytes after its request were meant for another protocol
         lines = [b"HTTP/1.1 %d %b\r\n" % (status, _reason(status))]
         length = False
         for name, value in forwarded_headers(raw, drop=server.drop):  # one pass, no lookups
@@ -328,6 +340,33 @@ class _Connection(asyncio.Protocol):
             await stream.aclose()
         return keep
 
+    async def _tunnel(self, response: httpx.Response, tunnel: Tunnel) -> None:
+        """The upstream switched protocols (a WebSocket): say so to the caller, then pass the
+        bytes both ways until either side closes; the exchange is counted when it ends."""
+        head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in response.headers.raw:  # Connection and Upgrade included, this once
+            if name.lower() not in _NOT_ON_A_SWITCH:
+                head.append(b"%b: %b\r\n" % (name, value))
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+        pipe = _Pipe(self, tunnel)
+        self.transport.set_protocol(pipe)
+        tunnel.start(
+            self.transport.write,
+            pipe.upstream_closed,
+            pause=self.transport.pause_reading,
+            resume=self.transport.resume_reading,
+        )
+        early, self._early = self._early, b""
+        if early:
+            tunnel.write(early)
+        self.transport.resume_reading()
+        try:
+            await pipe.done
+        finally:
+            tunnel.close()
+            await response.aclose()
+
     def _arm_idle(self) -> None:
         if not self.closed and not self.busy:
             self._idle = self.loop.call_later(self.server.keep_alive, self._idle_close)
@@ -339,6 +378,40 @@ class _Connection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         if not self.busy and self.current is None and not self.closed:
             self.transport.close()
+
+
+_NOT_ON_A_SWITCH = frozenset({b"content-length", b"transfer-encoding", b"keep-alive"})
+
+
+class _Pipe(asyncio.Protocol):
+    """The caller's side of a tunnel: its bytes go to the upstream as they come."""
+
+    def __init__(self, connection: _Connection, tunnel: Tunnel) -> None:
+        self.connection = connection
+        self.tunnel = tunnel
+        self.done: asyncio.Future[None] = connection.loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # the caller is done: so is the tunnel
+
+    def pause_writing(self) -> None:
+        self.tunnel.pause_reading()  # the caller is not reading: neither do we from upstream
+
+    def resume_writing(self) -> None:
+        self.tunnel.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.connection_lost(exc)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def upstream_closed(self) -> None:
+        self.connection.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class Http1Server:

@@ -24,7 +24,7 @@ from typing import Any
 import httptools
 import httpx
 
-__all__ = ["Http1Endpoint"]
+__all__ = ["Http1Endpoint", "Tunnel"]
 
 _MAX_IDLE = 100
 _HIGH_WATER = 1 << 16  # bytes of response body held before reading pauses
@@ -52,6 +52,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self._until_close = False
         self.error: Exception | None = None
+        self.tunnel: Tunnel | None = None  # after a 101 answer: the bytes are the caller's
 
     # asyncio ----------------------------------------------------------------------------------
 
@@ -59,8 +60,13 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel._feed(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:  # 101 Switching Protocols: a tunnel now
+            self.tunnel = Tunnel(self, data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"the server's answer is not HTTP/1.1: {exc}"))
             self.close()
@@ -70,6 +76,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel._lost()
         if self._status and not self.complete and self._until_close and exc is None:
             self.complete = True  # an answer without a length ends where the connection does
             self._notify()
@@ -89,11 +97,15 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable = self.loop.create_future()
+        if self.tunnel is not None and self.tunnel._pause is not None:
+            self.tunnel._pause()  # the server is not reading: neither do we from the caller
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         self._writable = None
+        if self.tunnel is not None and self.tunnel._resume is not None:
+            self.tunnel._resume()
 
     # httptools --------------------------------------------------------------------------------
 
@@ -102,7 +114,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer: the real one follows
+        if 100 <= status < 200 and status != 101:  # an interim answer: the real one follows
             self._headers = []
             return
         self._status = status
@@ -213,6 +225,67 @@ class _Connection(asyncio.Protocol):
                 raise self.error
             self._wake = self.loop.create_future()
             await self._wait(self._wake, timeout, "the answer stalled past the read timeout")
+
+
+class Tunnel:
+    """The connection a ``101 Switching Protocols`` answer left open (a WebSocket): bytes both
+    ways from then on, handed to whoever took the answer (``response.extensions
+    ["libmesh.tunnel"]``). Bytes the server sent before :meth:`start` are kept for it."""
+
+    def __init__(self, connection: _Connection, early: bytes) -> None:
+        self._connection = connection
+        self._early = [early] if early else []
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_close: Callable[[], None] | None = None
+        self._pause: Callable[[], None] | None = None
+        self._resume: Callable[[], None] | None = None
+        self.closed = False
+
+    def start(
+        self,
+        on_data: Callable[[bytes], None],
+        on_close: Callable[[], None],
+        *,
+        pause: Callable[[], None] | None = None,
+        resume: Callable[[], None] | None = None,
+    ) -> None:
+        """Hand each chunk the server sends to ``on_data``, and its end to ``on_close``;
+        ``pause``/``resume`` are called while the server's side cannot take more."""
+        self._on_data, self._on_close = on_data, on_close
+        self._pause, self._resume = pause, resume
+        early, self._early = self._early, []
+        for chunk in early:
+            on_data(chunk)
+        if self.closed:
+            on_close()
+
+    def write(self, data: bytes) -> None:
+        if not self._connection.closed:
+            self._connection.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._connection.closed:
+            self._connection.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._connection.closed:
+            self._connection.transport.resume_reading()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _feed(self, data: bytes) -> None:
+        if self._on_data is None:
+            self._early.append(data)
+        else:
+            self._on_data(data)
+
+    def _lost(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._on_close is not None:
+            self._on_close()
 
 
 def _expire(future: asyncio.Future[Any], error: Exception) -> None:
@@ -354,6 +427,13 @@ class Http1Endpoint(httpx.AsyncBaseTransport):
             connection.close()
             raise
         status, headers = connection.response_head()
+        if connection.tunnel is not None:  # the connection is the caller's now, never pooled
+            return httpx.Response(
+                status,
+                headers=headers,
+                stream=httpx.ByteStream(b""),
+                extensions={"http_version": b"HTTP/1.1", "libmesh.tunnel": connection.tunnel},
+            )
         if request.method == "HEAD":  # no body follows, whatever the headers say
             connection.complete, connection.keep_alive = True, False
         return httpx.Response(
