@@ -8,18 +8,22 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import unused_port
 from tests.integration.test_mtls import token
 from tests.integration.test_proxy import NGINX_MESH, NGINX_URL
+from tests.integration.test_proxy_websocket import ChatServer
 from tests.meshd_process import MeshdProcess
 from tests.proxy_process import Nginx, ProxyProcess, curl
 
@@ -106,10 +110,14 @@ def test_a_crashed_envoy_is_restarted_and_sigterm_drains_it(
     backends = start_backends(1)
     mesh_dir(service("reviews", "shop", backends.ports))  # type: ignore[attr-defined]
     meshd = start_meshd()
-    port = unused_port()
-    proxy = _envoy_proxy(start_proxy, meshd, "--outbound", str(port))
+    port, route = unused_port(), unused_port()
+    proxy = _envoy_proxy(
+        start_proxy, meshd, "--outbound", str(port), "--route", f"{route}=reviews:8080"
+    )
     url = "http://reviews.shop.svc.cluster.local:8080/x"
     first = _until_ok(lambda: curl("-x", proxy.url("outbound"), url), "{")
+    # a port bound to the service: no proxy settings, and the service's name upstream
+    bound = _until_ok(lambda: curl(f"http://127.0.0.1:{route}/bound"), "{")
 
     envoy = _child_pids(proxy.process.pid)
     assert len(envoy) == 1
@@ -121,6 +129,9 @@ def test_a_crashed_envoy_is_restarted_and_sigterm_drains_it(
     code = proxy.wait(30)
 
     assert '"instance": "instance-0"' in first
+    assert '"instance": "instance-0"' in bound
+    assert '"host": "reviews:8080"' in bound
+    assert proxy.port("route") == route  # the banner names Envoy's listener on it
     assert '"instance": "instance-0"' in again
     assert restarted != envoy
     assert re.search(r"Envoy exited with code -9; restarting it in [\d.]+s", proxy.log)
@@ -195,3 +206,72 @@ def test_a_grpcio_client_without_libmesh_calls_a_grpc_server_through_envoy_mode(
     assert len(denied) == 1
     assert denied[0][0] is grpc.StatusCode.PERMISSION_DENIED
     assert "fails call" in denied[0][1]
+
+
+CHAT_MESH = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: chat, namespace: shop}
+spec:
+  hosts: [chat.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: chat}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
+
+
+@pytest.fixture
+def chat() -> Iterator[ChatServer]:
+    server = ChatServer()
+    yield server
+    server.stop()
+
+
+def test_a_websocket_goes_through_envoy_mode_on_both_sides(
+    start_meshd: Callable[..., MeshdProcess],
+    mesh_dir: MeshDir,
+    start_proxy: StartProxy,
+    chat: ChatServer,
+) -> None:
+    mesh_dir(CHAT_MESH)
+    meshd = start_meshd()
+    inbound, outbound = unused_port(), unused_port()
+    _envoy_proxy(
+        start_proxy, meshd, "--service-account", "chat", "--label", "app=chat",
+        "--label", "security.istio.io/tlsMode=istio", "--token", token(meshd, "shop", "chat"),
+        "--inbound", f"{inbound}={chat.port}", "--register", f"http={inbound}",
+        "--outbound", "off",
+    )  # fmt: skip
+    _envoy_proxy(
+        start_proxy, meshd, "--service-account", "web", "--token", token(meshd, "shop", "web"),
+        "--outbound", str(outbound),
+    )  # fmt: skip
+
+    def call() -> tuple[str, str]:
+        # the client dials the proxy and names the service (Host), as through an HTTP proxy
+        dialed = socket.create_connection(("127.0.0.1", outbound), timeout=5)
+        with connect("ws://chat.shop.svc.cluster.local:8080/room", sock=dialed) as websocket:
+            websocket.send("hello")
+            echoed = websocket.recv(timeout=5)
+            websocket.send("whoami")
+            return str(echoed), str(websocket.recv(timeout=5))
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            echoed, seen = call()
+            break
+        except (OSError, InvalidStatus, InvalidMessage):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+    assert echoed == "HELLO"
+    assert seen.startswith("By=spiffe://cluster.local/ns/shop/sa/chat;Hash=")
+    assert seen.endswith("URI=spiffe://cluster.local/ns/shop/sa/web")

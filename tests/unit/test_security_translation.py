@@ -331,6 +331,14 @@ def test_an_envoys_inbound_ports_come_from_its_node_metadata() -> None:
         ("127.0.0.1:15007", "127.0.0.1:9090"),
     )
     assert node.http_proxy_address == ""
+    proto.metadata.update({"LIBMESH_ROUTES": "127.0.0.1:9001=pay.shop.svc.cluster.local:8080"})
+    assert node_from_proto(proto)[0].routes == (
+        ("127.0.0.1:9001", "pay.shop.svc.cluster.local:8080"),
+    )
+    proto.metadata.update({"LIBMESH_ROUTES": "127.0.0.1:9001"})
+    with pytest.raises(NodeError, match="LIBMESH_ROUTES must be LISTEN=HOST:PORT,"):
+        node_from_proto(proto)
+    proto.metadata.update({"LIBMESH_ROUTES": ""})
     proto.metadata.update({"LIBMESH_INBOUND": "15006=8080"})
     with pytest.raises(NodeError, match="LIBMESH_INBOUND: '15006' is not host:port"):
         node_from_proto(proto)

@@ -108,15 +108,22 @@ def check_round_trips(snapshot: Snapshot) -> None:
 def check_listener_names(snapshot: Snapshot) -> None:
     """A listener, its route configuration and its virtual host are all named ``host:port``
     (Envoy's single proxy listener names each virtual host so); the inbound listener has no
-    routes of its own."""
+    routes of its own; an Envoy's ports bound to one service (``route_<address>_<port>``) reuse
+    the virtual hosts of the others."""
     assert set(snapshot.routes) == set(snapshot.listeners) - SERVER_LISTENERS
-    if set(snapshot.listeners) == {"http_proxy"}:
-        for vhost in snapshot.routes["http_proxy"].virtual_hosts:
+    bound = {name for name in snapshot.listeners if name.startswith("route_")}
+    for name in bound:
+        for vhost in snapshot.routes[name].virtual_hosts:
+            host, _, port = vhost.name.rpartition(":")
+            assert cluster_name(int(port), "", host) in snapshot.clusters
+    if set(snapshot.listeners) - bound <= {"http_proxy"}:
+        proxied = snapshot.routes.get("http_proxy")
+        for vhost in proxied.virtual_hosts if proxied is not None else ():
             host, _, port = vhost.name.rpartition(":")
             assert cluster_name(int(port), "", host) in snapshot.clusters
         return
     for name, listener in snapshot.listeners.items():
-        if name in SERVER_LISTENERS:
+        if name in SERVER_LISTENERS or name in bound:
             continue
         host, _, port = name.rpartition(":")
         assert listener.name == name
@@ -564,6 +571,41 @@ def test_envoys_domains_carry_the_port_but_for_port_80_and_are_never_repeated() 
     assert all(d.endswith(":8080") for d in domains[REVIEWS_LISTENER])
     every = [d for v in config.virtual_hosts for d in v.domains]
     assert len(every) == len(set(every))  # Envoy rejects a route configuration that repeats one
+
+
+def test_an_envoys_route_ports_are_listeners_bound_to_one_service_each() -> None:
+    """libmesh-proxy --engine envoy --route: every request on the port takes the service's
+    routes, whatever its Host, and goes upstream with the service's authority."""
+    rewrite = """
+        - match: [{uri: {prefix: /v2}}]
+          rewrite: {authority: v2.example}
+          route: [{destination: {host: reviews, subset: v2}}]
+        - route: [{destination: {host: reviews, subset: v1}}]
+        """
+    node = Node(
+        namespace="shop",
+        flavor="envoy",
+        http_proxy_address="",
+        routes=(("127.0.0.1:9001", "reviews:8080"), ("127.0.0.1:9002", "nowhere:80")),
+    )
+    snapshot = mesh(destination_rule(SUBSETS), virtual_service(rewrite), node=node)
+
+    bound, unknown = (
+        snapshot.listeners["route_127.0.0.1_9001"],
+        snapshot.listeners["route_127.0.0.1_9002"],
+    )
+    address = bound.address.socket_address
+    assert (address.address, address.port_value) == ("127.0.0.1", 9001)
+    manager = hcm.HttpConnectionManager()
+    assert bound.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert [u.upgrade_type for u in manager.upgrade_configs] == ["websocket"]
+    (vhost,) = snapshot.routes["route_127.0.0.1_9001"].virtual_hosts
+    assert list(vhost.domains) == ["*"]
+    routes = list(vhost.routes)
+    assert [r.route.host_rewrite_literal for r in routes] == ["v2.example", "reviews:8080"]
+    assert routes[1].route.cluster == f"outbound|8080|v1|{REVIEWS}"
+    assert unknown.address.socket_address.port_value == 9002
+    assert list(snapshot.routes["route_127.0.0.1_9002"].virtual_hosts) == []  # Envoy: 404 NR
 
 
 def test_an_unknown_flavor_is_refused() -> None:

@@ -518,6 +518,7 @@ def _envoy_metadata(
     """The node metadata meshd builds this Envoy's listeners from (xds/_node.py)."""
     outbound = next((x for x in listeners if x.kind == "outbound"), None)
     inbound = [x for x in listeners if x.kind == "inbound"]
+    routes = [x for x in listeners if x.kind == "route"]
     metadata: dict[str, Any] = {
         "NAMESPACE": args.namespace or os.environ.get("LIBMESH_NAMESPACE", "default"),
         "LABELS": _labels(args.label),
@@ -525,6 +526,7 @@ def _envoy_metadata(
         or os.environ.get("LIBMESH_SERVICE_ACCOUNT", "default"),
         "LIBMESH_HTTP_PROXY_ADDRESS": outbound.address if outbound else "off",
         "LIBMESH_INBOUND": ",".join(f"{x.address}={x.target}" for x in inbound),
+        "LIBMESH_ROUTES": ",".join(f"{x.address}={x.target}" for x in routes),
         "LIBMESH_SDS": "true" if identity else "false",
     }
     ports = _registration(args.register, listeners)
@@ -544,11 +546,6 @@ def _run_envoy(args: argparse.Namespace, listeners: list[Listener]) -> int:
     if args.config_dir:
         raise UsageError("--engine envoy takes its configuration from meshd: give --xds-address")
     for listener in listeners:
-        if listener.kind == "route":
-            raise UsageError(
-                "--route needs --engine python; with Envoy, send to --outbound with the "
-                "service's Host"
-            )
         if listener.port == 0 and listener.kind != "admin":
             raise UsageError(f"--{listener.kind} {listener.address}: Envoy needs a fixed port")
     binary = find_envoy()
@@ -624,13 +621,7 @@ async def _supervise(supervisor: Any, args: argparse.Namespace, xds: str, identi
         if identity is not None:
             lines.append(f"  identity  {identity.identity} (to Envoy over SDS)")
         for name, address in await supervisor.listeners():
-            kind = (
-                "outbound"
-                if name == "http_proxy"
-                else "inbound"
-                if name.startswith("inbound_")
-                else name
-            )
+            kind = "outbound" if name == "http_proxy" else name.partition("_")[0]
             lines.append(f"  {kind:<9} {address:<21} Envoy listener {name}")
         admin = supervisor.admin_url.removeprefix("http://")
         lines.append(f"  {'admin':<9} {admin:<21} Envoy's admin (ready, stats, config_dump)")

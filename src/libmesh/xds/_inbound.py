@@ -159,6 +159,7 @@ def _connection_manager(
     route.route.cluster = cluster
     if forwarding:  # a real Envoy's, forwarding to the program
         route.route.timeout.SetInParent()  # no limit: the caller's side times the request
+        manager.upgrade_configs.add(upgrade_type="websocket")
         # the caller's verified identity for the program, never one the caller wrote (as
         # Istio's sidecars): By=<this workload>;Hash=...;URI=<the caller's SPIFFE ID>
         manager.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET

@@ -17,6 +17,9 @@ sidecar does:
                                 ``LISTEN=APP,...`` (``0.0.0.0:15006=127.0.0.1:8080``); each
                                 gets a listener applying the workload's PeerAuthentication,
                                 RequestAuthentication and AuthorizationPolicy
+``LIBMESH_ROUTES``              for Envoy: its ports bound to one service each,
+                                ``LISTEN=HOST:PORT,...``
+                                (``127.0.0.1:9001=pay.shop.svc.cluster.local:8080``)
 ``LIBMESH_SDS``                 for Envoy: ``"true"`` when its bootstrap has the ``sds-grpc``
                                 cluster (libmesh's SDS server): only then do its clusters use
                                 the mesh's mTLS, whose certificates come from there
@@ -60,6 +63,7 @@ POD_PORTS = "POD_PORTS"
 HTTP_PROXY_ADDRESS = "LIBMESH_HTTP_PROXY_ADDRESS"
 SDS = "LIBMESH_SDS"
 INBOUND = "LIBMESH_INBOUND"
+ROUTES = "LIBMESH_ROUTES"
 USER_AGENT = "libmesh"
 # Istio's: a workload reports its health on its ADS stream as a request of this type, healthy
 # without error_detail, unhealthy with it.
@@ -123,7 +127,8 @@ def node_from_proto(proto: base_pb2.Node) -> tuple[Node, Registration | None]:
         flavor=flavor,
         http_proxy_address=_proxy_address(metadata),
         sds=str(metadata.get(SDS, "")).lower() == "true" if flavor == "envoy" else True,
-        inbound=_inbound(metadata) if flavor == "envoy" else (),
+        inbound=_pairs(metadata, INBOUND, "LISTEN=APP") if flavor == "envoy" else (),
+        routes=_pairs(metadata, ROUTES, "LISTEN=HOST:PORT") if flavor == "envoy" else (),
     )
     if flavor == "envoy" and node.http_proxy_address:
         _check_address(node.http_proxy_address, HTTP_PROXY_ADDRESS)
@@ -168,15 +173,16 @@ def _proxy_address(metadata: Mapping[str, Any]) -> str:
     return "" if value == "off" else value or "127.0.0.1:15001"
 
 
-def _inbound(metadata: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+def _pairs(metadata: Mapping[str, Any], key: str, form: str) -> tuple[tuple[str, str], ...]:
+    """``A=B,C=D`` of two addresses each (``host:port``)."""
     entries = []
-    for entry in filter(None, (e.strip() for e in _string(metadata, INBOUND).split(","))):
-        listen, sep, app = entry.partition("=")
+    for entry in filter(None, (e.strip() for e in _string(metadata, key).split(","))):
+        listen, sep, target = entry.partition("=")
         if not sep:
-            raise NodeError(f"node metadata {INBOUND} must be LISTEN=APP,..., not {entry!r}")
-        _check_address(listen, INBOUND)
-        _check_address(app, INBOUND)
-        entries.append((listen, app))
+            raise NodeError(f"node metadata {key} must be {form},..., not {entry!r}")
+        _check_address(listen, key)
+        _check_address(target, key)
+        entries.append((listen, target))
     return tuple(entries)
 
 

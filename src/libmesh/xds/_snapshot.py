@@ -85,6 +85,9 @@ class Node:
     # For an Envoy: its inbound ports, each (listen address, the program's address), e.g.
     # (("0.0.0.0:15006", "127.0.0.1:8080"),): libmesh-proxy --engine envoy --inbound
     inbound: tuple[tuple[str, str], ...] = ()
+    # For an Envoy: its ports bound to one service each, (listen address, "host:port"), e.g.
+    # (("127.0.0.1:9001", "pay.shop.svc.cluster.local:8080"),): libmesh-proxy --route
+    routes: tuple[tuple[str, str], ...] = ()
     # Whether it can get the mesh's certificates: libmesh and grpcio hold their own; an Envoy
     # only with an SDS server beside it (node metadata LIBMESH_SDS).
     sds: bool = True

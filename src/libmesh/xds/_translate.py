@@ -188,6 +188,7 @@ def translation_key(node: Node, labels: frozenset[str]) -> Node:
         flavor=node.flavor,
         http_proxy_address=node.http_proxy_address if node.flavor == "envoy" else "",
         inbound=node.inbound,
+        routes=node.routes,
         sds=node.sds,
     )
 
@@ -402,6 +403,7 @@ class _Translator:
             vhosts = [u.vhost for u in units.values() if u.vhost is not None]
             if self.node.http_proxy_address:
                 self._build_proxy_listener(vhosts)  # Snapshot.of serializes what is not yet
+            self._build_route_listeners(vhosts)
             self._build_envoy_inbound()
         elif self.node.flavor == "libmesh":
             self._build_inbound_listener()
@@ -756,6 +758,36 @@ class _Translator:
         config.virtual_hosts.append(vhost)
         self._out[ROUTE][name] = config
 
+    def _build_route_listeners(self, virtual_hosts: Sequence[rc.VirtualHost]) -> None:
+        """For a real Envoy: a listener per port bound to one service (libmesh-proxy
+        ``--route``). Every request on it takes that service's routes, whatever its Host, and
+        reaches the service with the service's authority, as the Python engine sends it. A
+        service not (yet) known leaves the listener without routes: Envoy answers 404 (NR)."""
+        for listen, service in self.node.routes:
+            host, _, port = listen.rpartition(":")
+            name = f"route_{host.strip('[]')}_{port}"
+            manager = self._http_connection_manager(name)
+            manager.upgrade_configs.add(upgrade_type="websocket")
+            listener = listener_pb2.Listener(name=name)
+            listener.address.socket_address.address = host.strip("[]")
+            listener.address.socket_address.port_value = int(port)
+            listener.filter_chains.add().filters.add(name=HCM_FILTER).typed_config.Pack(manager)
+            self.resources[LISTENER][name] = listener
+            config = route_pb2.RouteConfiguration(
+                name=name, validate_clusters=wrappers_pb2.BoolValue()
+            )
+            found = next((v for v in virtual_hosts if service in v.domains), None)
+            if found is not None:
+                bound = config.virtual_hosts.add()
+                bound.CopyFrom(found)
+                del bound.domains[:]
+                bound.domains.append("*")
+                for route in bound.routes:
+                    action = route.route if route.HasField("route") else None
+                    if action is not None and not action.WhichOneof("host_rewrite_specifier"):
+                        action.host_rewrite_literal = service
+            self.resources[ROUTE][name] = config
+
     def _build_proxy_listener(self, virtual_hosts: Sequence[rc.VirtualHost]) -> None:
         """For a real Envoy: one HTTP listener on the node's proxy address that routes every
         service by the request's authority. Applications send it plain requests with the
@@ -765,6 +797,7 @@ class _Translator:
         host, _, port = self.node.http_proxy_address.rpartition(":")
         manager = self._http_connection_manager(HTTP_PROXY_LISTENER)
         manager.http_protocol_options.allow_absolute_url.value = True
+        manager.upgrade_configs.add(upgrade_type="websocket")  # as Istio's sidecars
         listener = listener_pb2.Listener(name=HTTP_PROXY_LISTENER)
         listener.address.socket_address.address = host.strip("[]")
         listener.address.socket_address.port_value = int(port)
