@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 
 import libmesh
 from tests.conftest import Backends, service, unused_port
+from tests.integration.test_http2_pool import certificates
 from tests.integration.test_mtls import token
 from tests.meshd_process import MeshdProcess
 from tests.proxy_process import Nginx, ProxyProcess, curl
@@ -153,6 +155,41 @@ def test_pipelined_requests_are_answered_in_order(reviews: tuple[Backends, Proxy
     assert re.findall(rb'"path": "(/\w)"', received) == [b"/a", b"/b", b"/c"]
     assert received.count(b"HTTP/1.1 200 OK") == 3
     assert received.rstrip().endswith(b"}")  # the connection closed after the third answer
+
+
+def test_connect_tunnels_are_served_by_the_mesh_and_tls_inside_passes_through(
+    reviews: tuple[Backends, ProxyProcess], tmp_path: Path
+) -> None:
+    """CONNECT host:port (curl -p; grpcio with http_proxy): the tunnel's requests go through
+    the mesh to that service; TLS inside a tunnel (the caller's own, to a host outside the
+    mesh) passes through untouched."""
+    _, proxy = reviews
+    via = ("-x", proxy.url("outbound"))
+    tunneled = _json(curl("-p", *via, f"{REVIEWS}/items"))
+    canary = _json(curl("-p", *via, "-H", "x-canary: yes", f"{REVIEWS}/items"))
+
+    ca, certificate, key = certificates()
+    (tmp_path / "ca.pem").write_bytes(ca)
+    (tmp_path / "server.pem").write_bytes(certificate + key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer_once() -> None:
+            connection, _ = listener.accept()
+            with context.wrap_socket(connection, server_side=True) as secure:
+                secure.recv(65536)
+                secure.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ntls ok")
+
+        threading.Thread(target=answer_once, daemon=True).start()
+        port = listener.getsockname()[1]
+        secured = curl(*via, "--cacert", str(tmp_path / "ca.pem"), f"https://localhost:{port}/")
+
+    assert tunneled["instance"] == "instance-0"  # the VirtualService's route
+    assert tunneled["host"] == "reviews.shop.svc.cluster.local:8080"
+    assert canary["instance"] == "instance-1"
+    assert secured.returncode == 0, secured.stderr
+    assert secured.stdout == "tls ok"  # the server's own certificate, checked by curl
 
 
 def test_curl_gets_retries_timeouts_and_injected_faults(

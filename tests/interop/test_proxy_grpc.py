@@ -69,10 +69,16 @@ def test_a_grpcio_client_calls_grpc_servers_through_the_python_engine(
         f"127.0.0.1:{proxy.port('outbound')}", options=[("grpc.default_authority", TARGET)]
     )
     bound = grpc.insecure_channel(f"127.0.0.1:{proxy.port('route')}")
-    with named, bound:
+    # grpcio's own proxy support (the http_proxy variable, or this option) opens a CONNECT
+    # tunnel to the service's name
+    proxied = grpc.insecure_channel(
+        TARGET, options=[("grpc.http_proxy", f"http://127.0.0.1:{proxy.port('outbound')}")]
+    )
+    with named, bound, proxied:
         who = named.unary_unary("/test.Echo/Who")
         first = _until_answered(lambda: who(b"", timeout=5))
         through_route = bound.unary_unary("/test.Echo/Who")(b"", timeout=5)
+        through_connect = proxied.unary_unary("/test.Echo/Who")(b"", timeout=5)
         aborted = _code(lambda: who(b"", metadata=[("x-fault", "yes")], timeout=5))
 
         backends.behave(0, fail_every=2, code="UNAVAILABLE")
@@ -110,6 +116,7 @@ def test_a_grpcio_client_calls_grpc_servers_through_the_python_engine(
 
     assert first == b"instance-0"
     assert through_route == b"instance-0"
+    assert through_connect == b"instance-0"
     assert aborted[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert retried == [b"instance-0"] * 4  # every other call failed UNAVAILABLE, and was retried
     assert calls_made == 8

@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,9 +356,13 @@ class Proxy:
             if listener.kind in ("outbound", "route"):
                 target = listener.target if listener.kind == "route" else None
                 handler = Outbound(transport, target=target)
-                self.outbound.append(
-                    (Http1Server(handler, self.drain, drop=EXCHANGE_HEADERS), listener)
+                http1 = Http1Server(
+                    handler,
+                    self.drain,
+                    drop=EXCHANGE_HEADERS,
+                    for_target=_tunnel_handler(transport) if target is None else None,
                 )
+                self.outbound.append((http1, listener))
                 continue
             server: Any
             options = self._options()
@@ -507,6 +511,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         mesh.close()
     return 0
+
+
+def _tunnel_handler(transport: Any) -> Callable[[str], Outbound]:
+    """CONNECT host:port on the outbound port: the tunnel's requests go to that service."""
+
+    def for_target(authority: str) -> Outbound:
+        return Outbound(transport, target=authority)
+
+    return for_target
 
 
 # -- Envoy mode -----------------------------------------------------------------------------------

@@ -55,8 +55,12 @@ Handler = Callable[[Incoming], Awaitable[httpx.Response]]
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, server: Http1Server) -> None:
+    def __init__(
+        self, server: Http1Server, handler: Handler | None = None, authority: str = ""
+    ) -> None:
         self.server = server
+        self.handler = handler or server.handler
+        self.authority = authority  # inside a CONNECT tunnel: the host:port it was opened to
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Any = None
@@ -107,18 +111,14 @@ class _Connection(asyncio.Protocol):
             if data.startswith(PREFACE):
                 self._to_http2(data)
                 return
+            if self.authority and data[0] == _TLS_HANDSHAKE:
+                self._pass_through(data)
+                return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            if self.parser.get_method() == b"CONNECT":
-                self._refuse(
-                    405,
-                    "libmesh-proxy does not tunnel CONNECT: call http://service:port/ through "
-                    "it and the mesh secures the connection (mTLS) itself",
-                )
-            else:  # answered in turn; what follows the request is the tunnel's
-                self._early = data[upgrade.args[0] :]
-                self.transport.pause_reading()
+        except httptools.HttpParserUpgrade as upgrade:  # CONNECT, or an Upgrade request
+            self._early = data[upgrade.args[0] :]  # answered in turn; what follows is the tunnel's
+            self.transport.pause_reading()
         except httptools.HttpParserError as exc:
             self._refuse(400, f"not an HTTP/1.1 request: {exc}")
 
@@ -127,7 +127,8 @@ class _Connection(asyncio.Protocol):
         with the same handler behind it."""
         server = self.server
         server.connections.discard(self)
-        protocol = Http2Protocol(server.http2_app(), on_close=server.connections.discard)
+        app = outbound_app(self.handler) if self.authority else server.http2_app()
+        protocol = Http2Protocol(app, on_close=server.connections.discard)
         server.connections.add(protocol)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
@@ -267,6 +268,8 @@ class _Connection(asyncio.Protocol):
                     self.transport.resume_reading()
                     self._held = False
                 keep = await self._answer(request)
+                if keep is None:
+                    return
                 if not keep:
                     self.transport.close()
                     return
@@ -279,9 +282,12 @@ class _Connection(asyncio.Protocol):
         finally:
             self.busy = False
 
-    async def _answer(self, request: Incoming) -> bool:
-        """Answer one request; whether the connection stays open."""
-        response = await self.server.handler(request)
+    async def _answer(self, request: Incoming) -> bool | None:
+        """Answer one request; whether the connection stays open (``None``: it is another
+        protocol's now)."""
+        if request.method == "CONNECT":
+            return self._open_tunnel(request)
+        response = await self.handler(request)
         server = self.server
         raw = response.headers.raw
         keep = (
@@ -340,6 +346,57 @@ class _Connection(asyncio.Protocol):
             await stream.aclose()
         return keep
 
+    def _open_tunnel(self, request: Incoming) -> bool | None:
+        """CONNECT host:port (what grpcio does with ``http_proxy``, curl with ``-p``): the
+        tunnel's bytes are served as a new connection whose requests all go to that service
+        through the mesh (HTTP/1.1 or HTTP/2); TLS inside it — the caller's own, to a host
+        outside the mesh — passes through untouched."""
+        authority = request.target.decode("latin-1")
+        host, sep, port = authority.rpartition(":")
+        if self.server.for_target is None or self.authority:
+            self._refuse(405, "libmesh-proxy does not tunnel CONNECT on this port")
+            return None
+        if not sep or not host or not port.isdigit():
+            self._refuse(400, f"CONNECT needs host:port, not {authority!r}")
+            return None
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if self._idle is not None:
+            self._idle.cancel()
+        inner = _Connection(self.server, self.server.for_target(authority), authority)
+        self.server.connections.discard(self)
+        self.transport.set_protocol(inner)
+        inner.connection_made(self.transport)
+        early, self._early = self._early, b""
+        if early:
+            inner.data_received(early)
+        self.transport.resume_reading()
+        return None
+
+    def _pass_through(self, data: bytes) -> None:
+        self.busy = True  # (not idle: a drain leaves it to the end of its timeout)
+        self.transport.pause_reading()
+        task = self.loop.create_task(self._relay_bytes(data))
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+
+    async def _relay_bytes(self, first: bytes) -> None:
+        host, _, port = self.authority.rpartition(":")
+        downstream = self.transport
+        try:
+            upstream, _ = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: _Relay(downstream), host.strip("[]"), int(port)
+                ),
+                10,
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.info("libmesh-proxy: CONNECT %s: %s", self.authority, exc or "timed out")
+            downstream.close()
+            return
+        upstream.write(first)
+        downstream.set_protocol(_Relay(upstream, lambda: self.connection_lost(None)))
+        downstream.resume_reading()
+
     async def _tunnel(self, response: httpx.Response, tunnel: Tunnel) -> None:
         """The upstream switched protocols (a WebSocket): say so to the caller, then pass the
         bytes both ways until either side closes; the exchange is counted when it ends."""
@@ -378,6 +435,37 @@ class _Connection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         if not self.busy and self.current is None and not self.closed:
             self.transport.close()
+
+
+_TLS_HANDSHAKE = 0x16
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a TCP relay: what arrives goes to ``peer`` as it is."""
+
+    def __init__(self, peer: Any, lost: Callable[[], None] | None = None) -> None:
+        self.peer = peer
+        self.lost = lost
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer.can_write_eof():
+            self.peer.write_eof()
+            return True  # half-closed: the other way may still talk
+        return False
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.peer.close()
+        if self.lost is not None:
+            self.lost()
 
 
 _NOT_ON_A_SWITCH = frozenset({b"content-length", b"transfer-encoding", b"keep-alive"})
@@ -424,8 +512,13 @@ class Http1Server:
         *,
         drop: frozenset[bytes] = frozenset(),
         keep_alive: float = 60.0,
+        for_target: Callable[[str], Handler] | None = None,
     ) -> None:
+        """``for_target(authority)``: the handler for a CONNECT tunnel's requests (none: CONNECT
+        is refused)."""
         self.handler = handler
+        self.for_target = for_target
+        self.tasks: set[asyncio.Task[None]] = set()
         self.drain = drain
         self.drop = drop
         self.keep_alive = keep_alive
