@@ -394,7 +394,7 @@ spec:
 NGINX_URL = "http://nginx.shop.svc.cluster.local:8080"
 
 
-def _caller_proxy(start_proxy: StartProxy, meshd: MeshdProcess, account: str) -> ProxyProcess:
+def caller_proxy(start_proxy: StartProxy, meshd: MeshdProcess, account: str) -> ProxyProcess:
     return start_proxy(
         "--xds-address", meshd.xds_address, "--namespace", "shop", "--service-account",
         account, "--token", token(meshd, "shop", account), "--outbound", "0", "--admin", "off",
@@ -426,8 +426,8 @@ def test_nginx_behind_the_proxy_is_reached_only_over_mtls_by_an_allowed_identity
             "--token", token(meshd, "shop", "nginx"), "--inbound", f"{inbound}={nginx.port}",
             "--register", f"http={inbound}", "--outbound", "off", "--admin", "off",
         )  # fmt: skip
-        web = _caller_proxy(start_proxy, meshd, "web")
-        intruder = _caller_proxy(start_proxy, meshd, "intruder")
+        web = caller_proxy(start_proxy, meshd, "web")
+        intruder = caller_proxy(start_proxy, meshd, "intruder")
 
         # curl -> proxy (web's SVID) -> mTLS -> proxy (nginx's) -> nginx
         allowed: list[subprocess.CompletedProcess[str]] = []

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import unused_port
 from tests.integration.test_mtls import token
+from tests.integration.test_proxy import caller_proxy
 from tests.meshd_process import MeshdProcess
 from tests.proxy_process import ProxyProcess
 
@@ -157,13 +158,6 @@ spec:
 """
 
 
-def _caller(start_proxy: StartProxy, meshd: MeshdProcess, account: str) -> ProxyProcess:
-    return start_proxy(
-        "--xds-address", meshd.xds_address, "--namespace", "shop", "--service-account",
-        account, "--token", token(meshd, "shop", account), "--outbound", "0", "--admin", "off",
-    )  # fmt: skip
-
-
 def test_grpc_between_two_proxies_is_mutual_tls_and_authorized(
     start_meshd: Callable[..., MeshdProcess],
     start_grpc_backends: StartGrpcBackends,
@@ -182,8 +176,8 @@ def test_grpc_between_two_proxies_is_mutual_tls_and_authorized(
         "--inbound", f"{inbound}=127.0.0.1:{backend.ports[0]}", "--register", f"grpc={inbound}",
         "--outbound", "off", "--admin", "off",
     )  # fmt: skip
-    web = _caller(start_proxy, meshd, "web")
-    intruder = _caller(start_proxy, meshd, "intruder")
+    web = caller_proxy(start_proxy, meshd, "web")
+    intruder = caller_proxy(start_proxy, meshd, "intruder")
 
     def channel(proxy: ProxyProcess) -> grpc.Channel:
         address = f"127.0.0.1:{proxy.port('outbound')}"

@@ -338,44 +338,11 @@ class Http1Endpoint(httpx.AsyncBaseTransport):
 
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
-        tls = self._tls
-        context = server_name = None
-        if tls is not None:
-            if self._uds is not None:
-                raise httpx.ConnectError(
-                    f"TLS error: the cluster asks for TLS to unix:{self._uds}, which libmesh "
-                    "does not secure (refused rather than sent in plaintext)",
-                    request=request,
-                )
-            context = tls.context()
-            server_name = tls.sni or (request.url.host if tls.name_from_host else None)
-        try:
-            if self._uds is not None:
-                connecting = loop.create_unix_connection(lambda: _Connection(loop), self._uds)
-            else:
-                connecting = loop.create_connection(
-                    lambda: _Connection(loop),
-                    self._address,
-                    self._port,
-                    ssl=context,
-                    server_hostname=server_name if context is not None else None,
-                )
-            transport, connection = await asyncio.wait_for(connecting, timeout)
-        except TimeoutError as exc:
-            raise httpx.ConnectTimeout(
-                f"connecting to {self._address}:{self._port} timed out", request=request
-            ) from exc
-        except ssl.SSLError as exc:
-            raise httpx.ConnectError(f"TLS error: {_reason(exc)}", request=request) from exc
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        if tls is not None:
-            try:
-                tls.check(transport.get_extra_info("ssl_object"))
-            except ssl.SSLError as exc:
-                transport.close()
-                raise httpx.ConnectError(f"TLS error: {_reason(exc)}", request=request) from exc
-        return connection
+        where = (self._address, self._port, self._uds)
+        _, connection = await connect_endpoint(
+            lambda: _Connection(loop), where, self._tls, request, timeout
+        )
+        return connection  # type: ignore[no-any-return]
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -449,6 +416,57 @@ class Http1Endpoint(httpx.AsyncBaseTransport):
             connection.close()
 
 
+async def connect_endpoint(
+    factory: Callable[[], asyncio.Protocol],
+    where: tuple[str, int, str | None],
+    tls: Any,
+    request: httpx.Request,
+    timeout: float | None,
+) -> tuple[Any, Any]:
+    """A new connection to one endpoint (``where``: address, port, or a Unix socket), secured
+    and its server checked when ``tls`` (the mesh transport's) says so; failures are httpx's
+    errors, which the mesh decides retries and outlier detection on. The transport and the
+    protocol ``factory`` made."""
+    loop = asyncio.get_running_loop()
+    address, port, uds = where
+    context = server_name = None
+    if tls is not None:
+        if uds is not None:
+            raise httpx.ConnectError(
+                f"TLS error: the cluster asks for TLS to unix:{uds}, which libmesh "
+                "does not secure (refused rather than sent in plaintext)",
+                request=request,
+            )
+        context = tls.context()
+        server_name = tls.sni or (request.url.host if tls.name_from_host else None)
+    try:
+        if uds is not None:
+            connecting = loop.create_unix_connection(factory, uds)
+        else:
+            connecting = loop.create_connection(
+                factory,
+                address,
+                port,
+                ssl=context,
+                server_hostname=server_name if context is not None else None,
+            )
+        transport, protocol = await asyncio.wait_for(connecting, timeout)
+    except TimeoutError as exc:
+        named = f"unix:{uds}" if uds is not None else f"{address}:{port}"
+        raise httpx.ConnectTimeout(f"connecting to {named} timed out", request=request) from exc
+    except ssl.SSLError as exc:
+        raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
+    except OSError as exc:
+        raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+    if tls is not None:
+        try:
+            tls.check(transport.get_extra_info("ssl_object"))
+        except ssl.SSLError as exc:
+            transport.close()
+            raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
+    return transport, protocol
+
+
 def _head(request: httpx.Request) -> bytes:
     target = request.url.raw_path or b"/"
     lines = [b"%b %b HTTP/1.1\r\n" % (request.method.encode(), target)]
@@ -458,7 +476,7 @@ def _head(request: httpx.Request) -> bytes:
     return b"".join(lines)
 
 
-def _reason(exc: ssl.SSLError) -> str:
+def tls_reason(exc: ssl.SSLError) -> str:
     if getattr(exc, "verify_message", None):
         return f"{exc.reason}: {exc.verify_message}"  # type: ignore[attr-defined]
     return str(exc.args[-1] if exc.args else exc)

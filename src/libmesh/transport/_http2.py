@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
@@ -32,6 +31,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import httpx
+
+from ._http1 import connect_endpoint
 
 __all__ = ["Http2Endpoint"]
 
@@ -520,47 +521,14 @@ class Http2Endpoint(httpx.AsyncBaseTransport):
             opened.set_result(failure)
 
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
-        try:
-            return await asyncio.wait_for(self._handshake(request), timeout)
-        except TimeoutError as exc:
-            raise httpx.ConnectTimeout(
-                f"connecting to {self._where} timed out", request=request
-            ) from exc
-        except ssl.SSLError as exc:
-            raise httpx.ConnectError(f"TLS error: {_reason(exc)}", request=request) from exc
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-
-    async def _handshake(self, request: httpx.Request) -> _Connection:
         loop = asyncio.get_running_loop()
-        tls = self._tls
-        context = server_name = None
-        if tls is not None:
-            if self._uds is not None:
-                raise httpx.ConnectError(
-                    f"TLS error: the cluster asks for TLS to unix:{self._uds}, which libmesh "
-                    "does not secure (refused rather than sent in plaintext)",
-                    request=request,
-                )
-            context = tls.context()
-            server_name = tls.sni or (request.url.host if tls.name_from_host else None)
-        if self._uds is not None:
-            transport, connection = await loop.create_unix_connection(
-                lambda: _Connection(loop), self._uds
-            )
-        else:
-            transport, connection = await loop.create_connection(
-                lambda: _Connection(loop),
-                self._address,
-                self._port,
-                ssl=context,
-                server_hostname=server_name,
-            )
+        where = (self._address, self._port, self._uds)
+        transport, connection = await connect_endpoint(
+            lambda: _Connection(loop), where, self._tls, request, timeout
+        )
         try:
-            if tls is not None:
-                ssl_object = transport.get_extra_info("ssl_object")
-                tls.check(ssl_object)
-                chosen = ssl_object.selected_alpn_protocol()
+            if self._tls is not None:
+                chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
                 if chosen not in (None, "h2"):
                     raise httpx.ConnectError(
                         f"TLS error: {self._where} chose {chosen} instead of h2 in ALPN, so it "
@@ -569,7 +537,13 @@ class Http2Endpoint(httpx.AsyncBaseTransport):
                     )
             # Until the server's SETTINGS its stream limit is unknown: streams sent beyond it
             # would be refused.
-            failure = await connection.ready
+            try:
+                failure = await asyncio.wait_for(asyncio.shield(connection.ready), timeout)
+            except TimeoutError as exc:
+                raise httpx.ConnectTimeout(
+                    f"{self._where} sent no HTTP/2 SETTINGS within the connect timeout",
+                    request=request,
+                ) from exc
             if failure is not None:
                 raise httpx.ConnectError(
                     f"{self._where} does not speak HTTP/2 (with prior knowledge, or h2 in "
@@ -579,7 +553,7 @@ class Http2Endpoint(httpx.AsyncBaseTransport):
         except BaseException:
             transport.close()
             raise
-        return connection
+        return connection  # type: ignore[no-any-return]
 
 
 def _request_headers(request: httpx.Request, scheme: bytes) -> list[tuple[bytes, bytes]]:
@@ -609,9 +583,3 @@ def _fields(headers: Any) -> list[tuple[bytes, bytes]]:
 
 def _code_name(code: h2.errors.ErrorCodes | int | None) -> str:
     return code.name if isinstance(code, h2.errors.ErrorCodes) else f"error code {code}"
-
-
-def _reason(exc: ssl.SSLError) -> str:
-    if getattr(exc, "verify_message", None):
-        return f"{exc.reason}: {exc.verify_message}"  # type: ignore[attr-defined]
-    return str(exc.args[-1] if exc.args else exc)
