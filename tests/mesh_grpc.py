@@ -87,7 +87,8 @@ def xds_server(address: str, token: str, port: int) -> None:
 
     def who(request: bytes, context: grpc.ServicerContext) -> bytes:
         names = (context.auth_context() or {}).get("x509_subject_alternative_name", [])
-        return b",".join(names) or b"-"
+        uris = [name for name in names if name.startswith(b"spiffe://")]  # (not the DNS form)
+        return b",".join(uris) or b"-"
 
     instance = grpc.server(futures.ThreadPoolExecutor(max_workers=4), xds=True)
     handlers = {"Who": grpc.unary_unary_rpc_method_handler(who)}

@@ -207,11 +207,10 @@ class CertificateAuthority:
             .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
-            # an empty subject makes the SAN extension critical (RFC 5280 4.2.1.6)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-                critical=True,
-            )
+            # an empty subject makes the SAN extension critical (RFC 5280 4.2.1.6); besides the
+            # one URI SAN, the identity's DNS form (the X509-SVID standard allows other SAN
+            # types) for clients that check host names only: grpcio's TLS credentials
+            .add_extension(x509.SubjectAlternativeName(_names(identity)), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -321,6 +320,13 @@ def _new_root(
         .sign(key, hashes.SHA256())
     )
     return key, certificate
+
+
+def _names(identity: SpiffeId) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(identity))]
+    if identity.dns_name is not None:
+        names.append(x509.DNSName(identity.dns_name))
+    return names
 
 
 def _stamp(directory: Path) -> tuple[tuple[str, int], ...]:

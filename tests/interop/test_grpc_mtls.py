@@ -6,6 +6,7 @@ AuthorizationPolicy on the client's SPIFFE ID."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,6 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+
+import libmesh
 from tests.conftest import unused_port
 from tests.integration.test_mtls import token
 from tests.meshd_process import MeshdProcess
@@ -152,3 +156,78 @@ def test_a_grpcio_xds_server_takes_its_tls_and_rbac_from_meshd(
     finally:
         output = stop(process)
     assert "Traceback" not in output, output
+
+
+def _connect(
+    meshd: MeshdProcess, account: str, with_token: bool = True, ttl: float = 24 * 3600
+) -> libmesh.Mesh:
+    return libmesh.Mesh.connect(
+        meshd.xds_address, namespace="shop", service_account=account,
+        token=token(meshd, "shop", account) if with_token else None, state_file=None,
+        svid_ttl=ttl,
+    )  # fmt: skip
+
+
+def _who(mesh: libmesh.Mesh) -> bytes | tuple[grpc.StatusCode, str]:
+    with mesh.grpc_channel(TARGET) as channel:
+        try:
+            return bytes(channel.unary_unary("/test.Echo/Who")(b"", timeout=5))
+        except grpc.RpcError as error:
+            return error.code(), error.details()  # type: ignore[attr-defined]
+
+
+async def _who_async(mesh: libmesh.Mesh) -> bytes:
+    async with mesh.grpc_aio_channel(TARGET) as channel:
+        return bytes(await channel.unary_unary("/test.Echo/Who")(b"", timeout=5))
+
+
+def test_libmeshs_own_grpc_client_runs_mtls_with_its_svid_and_checks_the_servers_identity(
+    tmp_path: Path, start_meshd: StartMeshd
+) -> None:
+    """Not grpcio's xDS client: libmesh's interceptors (``mesh.grpc_channel``) present the SVID
+    and check the server's SPIFFE ID through its DNS form in the SVID (grpcio's credentials
+    check host names only)."""
+    port = unused_port()
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port))
+    meshd = start_meshd(tmp_path / "mesh")
+    server = start_server(meshd, port)
+    try:
+        time.sleep(0.5)  # the server's policies from meshd
+        with _connect(meshd, "web") as web:
+            answers = [_who(web) for _ in range(3)]
+            streamed = asyncio.run(_who_async(web))
+        with _connect(meshd, "web", ttl=3) as rotating, rotating.grpc_channel(TARGET) as channel:
+            assert rotating.identity is not None
+            who = channel.unary_unary("/test.Echo/Who")
+            first = rotating.identity.current()
+            before = who(b"", timeout=5)
+            deadline = time.monotonic() + 10
+            while rotating.identity.current() is first and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = who(b"", timeout=5)
+            made = [svid for svid, _ in channel._interceptor._channels._made.values()]  # type: ignore[attr-defined]
+            rotated = rotating.identity.current()
+        with _connect(meshd, "nobody", with_token=False) as anonymous:
+            without_identity = _who(anonymous)
+        with _connect(meshd, "intruder") as intruder:
+            denied = _who(intruder)
+        other = ", subjectAltNames: [spiffe://cluster.local/ns/shop/sa/billing]"
+        (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port, other))
+        time.sleep(1)  # meshd picks the change up
+        with _connect(meshd, "web") as web:
+            impostor = _who(web)
+    finally:
+        stop(server)
+
+    assert answers == [WEB.encode()] * 3  # the server saw the client's SVID
+    assert streamed == WEB.encode()  # grpc.aio too
+    assert before == after == WEB.encode()
+    assert rotated is not first
+    assert made == [rotated]  # the endpoint's channel was made again with the rotated SVID
+    assert isinstance(without_identity, tuple)
+    assert without_identity[0] is grpc.StatusCode.UNAVAILABLE
+    assert "no workload identity" in without_identity[1]  # refused, never sent in plaintext
+    assert denied == (grpc.StatusCode.PERMISSION_DENIED, "RBAC: access denied")
+    assert isinstance(impostor, tuple)
+    assert impostor[0] is grpc.StatusCode.UNAVAILABLE  # echo's SVID is not billing's

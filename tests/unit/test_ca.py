@@ -73,6 +73,22 @@ def test_what_is_not_a_spiffe_id_is_refused_with_the_rule(text: str, reason: str
         SpiffeId.parse(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("spiffe://cluster.local/ns/shop/sa/reviews", "reviews.shop.spiffe.cluster.local"),
+        ("spiffe://example.org/ns/Shop/sa/web-1", "web-1.shop.spiffe.example.org"),
+        ("spiffe://cluster.local/ns/shop/sa/under_score", None),  # not a host name
+        ("spiffe://cluster.local/workload/reviews", None),  # not Istio-shaped
+        ("spiffe://cluster.local/ns/shop/sa/" + "x" * 64, None),  # a label is at most 63
+    ],
+)
+def test_an_istio_shaped_id_has_a_dns_form_for_clients_that_check_host_names(
+    text: str, name: str | None
+) -> None:
+    assert SpiffeId.parse(text).dns_name == name
+
+
 # -- the CA --------------------------------------------------------------------------------------
 
 
@@ -101,7 +117,11 @@ def test_a_signed_svid_follows_the_x509_svid_standard(ca: CertificateAuthority) 
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert san.critical
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [str(REVIEWS)]
-    assert list(san.value) == [x509.UniformResourceIdentifier(str(REVIEWS))]
+    assert list(san.value) == [
+        x509.UniformResourceIdentifier(str(REVIEWS)),
+        # its DNS form, for clients that check host names only (grpcio's TLS credentials)
+        x509.DNSName("reviews.shop.spiffe.cluster.local"),
+    ]
     constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints)
     assert constraints.critical
     assert constraints.value.ca is False

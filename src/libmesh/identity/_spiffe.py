@@ -13,6 +13,7 @@ __all__ = ["SpiffeId", "SpiffeIdError"]
 # or "..".
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class SpiffeIdError(ValueError):
@@ -70,6 +71,21 @@ class SpiffeId:
     def service_account(self) -> str | None:
         parts = self.path.split("/")
         return parts[4] if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa" else None
+
+    @property
+    def dns_name(self) -> str | None:
+        """The DNS name meshd's CA also puts in an Istio-shaped SVID —
+        ``<sa>.<ns>.spiffe.<trust-domain>`` — so that a TLS client that checks only host names
+        (grpcio's ``ssl_channel_credentials``) can still check the server's SPIFFE ID: the CA
+        gives that name to that identity only. ``None`` when the ID has no such form (not
+        Istio-shaped, or not a valid host name)."""
+        namespace, account = self.namespace, self.service_account
+        if namespace is None or account is None:
+            return None
+        name = f"{account}.{namespace}.spiffe.{self.trust_domain}".lower()
+        if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+            return None
+        return name
 
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}{self.path}"

@@ -70,10 +70,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from cryptography.hazmat.primitives import serialization
 
 from .._exceptions import ConfigError, MeshError
 from .._testing import asleep as _asleep
 from .._testing import sleep as _sleep
+from ..identity._spiffe import SpiffeId, SpiffeIdError
 from ..policy import (
     DELIVER,
     Attempt,
@@ -87,6 +89,7 @@ from ..policy import (
     RequestInfo,
 )
 from ..policy._routing import HeaderOps
+from ..policy._upstream_tls import TlsKind, UpstreamTls
 from ..telemetry import ClientCall
 from ..telemetry._tracing import suppressed_instrumentation
 from ._httpx import EngineSource
@@ -429,6 +432,132 @@ def _stream_timeout(call: Call, attempt: Attempt, deadline: float | None) -> flo
 _LOCAL_MESSAGES = {"NR": "no route", "UH": "no healthy upstream", "NC": "no cluster found"}
 
 
+class _Unsecured(Exception):
+    """The cluster asks for TLS that this client cannot give the endpoint: refused rather than
+    sent in plaintext (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Security:
+    """How to secure a channel to one endpoint: the credentials, the name the server's
+    certificate must carry (``grpc.ssl_target_name_override``), and what they were made from
+    (the SVID: a rotated one makes new channels)."""
+
+    credentials: Any
+    name: str | None
+    made_from: object
+
+
+def _security(source: Any, tls: UpstreamTls | None) -> _Security | None:
+    """The cluster's TLS for an endpoint, as grpcio's channel credentials (``None``:
+    plaintext). grpcio checks the server's certificate by host name only, so the mesh's
+    ``ISTIO_MUTUAL`` checks the server's SPIFFE ID through its DNS form, which meshd's CA puts
+    in every SVID beside the URI SAN (``SpiffeId.dns_name``)."""
+    if tls is None:
+        return None
+    if tls.kind is not TlsKind.MESH:  # DestinationRule SIMPLE / MUTUAL: TLS origination
+        return _Security(
+            grpc.ssl_channel_credentials(
+                _read(tls.ca_file), _read(tls.key_file), _read(tls.cert_file)
+            ),
+            tls.sni or next(iter(tls.subject_alt_names), None),
+            tls,
+        )
+    identity = getattr(source, "identity", None)
+    svid = identity.current() if identity is not None else None
+    if svid is None:
+        raise _Unsecured(
+            "the upstream requires the mesh's mTLS (ISTIO_MUTUAL) and this process has no "
+            "workload identity (Mesh.connect(token=...))"
+        )
+    assert identity is not None
+    expected = sorted(tls.subject_alt_names)
+    if len(expected) != 1:
+        raise _Unsecured(
+            f"libmesh's grpc client checks one server identity, and this cluster accepts "
+            f"{len(expected) or 'any'}{': ' + ', '.join(expected) if expected else ''}: name "
+            "one in the DestinationRule's subjectAltNames, or dial libmesh.xds_channel()"
+        )
+    try:
+        name = SpiffeId.parse(expected[0]).dns_name
+    except SpiffeIdError as exc:
+        raise _Unsecured(f"cannot check the server's identity {expected[0]!r}: {exc}") from exc
+    if name is None:
+        raise _Unsecured(f"{expected[0]} has no DNS form for grpcio to check")
+    bundle = "".join(
+        certificate.public_bytes(serialization.Encoding.PEM).decode()
+        for certificate in identity.bundle
+    )
+    credentials = grpc.ssl_channel_credentials(bundle.encode(), svid.key_pem(), svid.chain_pem())
+    return _Security(credentials, name, svid)
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
+class _Channels:
+    """An interceptor's channels, one per endpoint and security; a channel made with an SVID
+    that has since rotated is replaced, and closed a while later (calls on it finish)."""
+
+    GRACE = 30.0
+
+    def __init__(self, make: Callable[[str, Sequence[tuple[str, Any]], Any], Any]) -> None:
+        self._make = make  # (address, options, credentials or None) -> channel
+        self._made: dict[tuple[str, str | None], tuple[object, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, source: Any, attempt: Attempt, options: Sequence[tuple[str, Any]]) -> Any:
+        host = attempt.host
+        security = _security(source, attempt.cluster.tls.for_endpoint(host.tls_match))
+        key = (host.key, security.name if security is not None else None)
+        made_from = security.made_from if security is not None else None
+        found = self._made.get(key)
+        if found is not None and found[0] is made_from:
+            return found[1]
+        with self._lock:
+            found = self._made.get(key)
+            if found is not None and found[0] is made_from:
+                return found[1]
+            if security is not None and security.name is not None:
+                # grpcio checks each call's authority against the server's certificate too,
+                # so the calls on such a channel name the server's identity as their authority
+                options = [
+                    *((k, v) for k, v in options if k != "grpc.default_authority"),
+                    ("grpc.default_authority", security.name),
+                    ("grpc.ssl_target_name_override", security.name),
+                ]
+            channel = self._make(
+                _address(host), options, security.credentials if security else None
+            )
+            self._made[key] = (made_from, channel)
+        if found is not None:
+            self.retire(found[1])
+        return channel
+
+    def retire(self, channel: Any) -> None:
+        timer = threading.Timer(self.GRACE, _close_quietly, (channel,))
+        timer.daemon = True
+        timer.start()
+
+    def drain(self) -> list[Any]:
+        with self._lock:
+            made, self._made = self._made, {}
+        return [channel for _, channel in made.values()]
+
+
+def _close_quietly(channel: Any) -> None:
+    try:
+        result = channel.close()
+        if asyncio.iscoroutine(result):  # an aio channel: closed on no loop of ours
+            result.close()
+    except Exception:  # a channel already closed with its interceptor
+        logger.debug("closing a retired channel failed", exc_info=True)
+
+
 class _Shared:
     """What the sync and async interceptors share: starting calls, shaping attempts, settling
     their outcomes with the engine and the telemetry, and making errors."""
@@ -504,6 +633,22 @@ class _Shared:
         if isinstance(step, (LocalReply, Fail)):
             return self.error(step, begun, aio)
         raise AssertionError(step)  # pragma: no cover - a first step is one of these
+
+    def refused(
+        self, begun: _Begun, attempt: Attempt, refused: _Unsecured, aio: bool
+    ) -> MeshRpcError:
+        """A stream whose endpoint cannot be secured as its cluster asks: failed, as a
+        connection failure (streams have one attempt)."""
+        call = begun.call
+        call.failure_reason = f"TLS error: {refused}"
+        step = call.failed(attempt, Failure.CONNECT_FAILURE)
+        if not isinstance(step, Fail):
+            call.cancel()
+        message = (
+            "upstream connect error or disconnect/reset before headers. reset reason: "
+            f"connection failure, transport failure reason: TLS error: {refused}"
+        )
+        return self.fail_error(Fail("connect", "UF", message), call, begun.observed, aio)
 
     def error(self, step: LocalReply | Fail, begun: _Begun, aio: bool) -> MeshRpcError:
         if isinstance(step, LocalReply):
@@ -606,9 +751,13 @@ class _Shared:
         code = _FAIL_CODES.get(step.kind, _StatusCode.UNAVAILABLE)
         observed.finish(status=0, flags=flags, grpc_status=str(code.value[0]))
         attempts = f"{call.attempts} attempt{'s' if call.attempts != 1 else ''}"
+        reason = call.failure_reason
+        message = step.message
+        if reason and "transport failure reason" not in message:
+            message = f"{message}, transport failure reason: {reason}"
         return MeshRpcError(
             code,
-            f"{step.message} (response flags: {flags}; {attempts})",
+            f"{message} (response flags: {flags}; {attempts})",
             response_flags=flags,
             attempts=call.attempts,
             aio=aio,
@@ -623,6 +772,18 @@ class _Begun:
     deadline: float | None  # the caller's, on the monotonic clock
     wait: float  # the injected delay, cut to the deadline
     outlasted: bool  # the delay outlasts the deadline
+
+
+def _sync_channel(address: str, options: Sequence[tuple[str, Any]], credentials: Any) -> Any:
+    if credentials is None:
+        return grpc.insecure_channel(address, options)
+    return grpc.secure_channel(address, credentials, options)
+
+
+def _aio_channel(address: str, options: Sequence[tuple[str, Any]], credentials: Any) -> Any:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options)
+    return grpc.aio.secure_channel(address, credentials, options)
 
 
 def _abandon(begun: _Begun, attempt: Attempt | None) -> None:
@@ -652,28 +813,18 @@ class MeshClientInterceptor(
         self, source: EngineSource, target: str, *, options: Sequence[tuple[str, Any]] = ()
     ) -> None:
         self._shared = _Shared(source, target, options)
-        self._endpoints: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
+        self._channels = _Channels(_sync_channel)
 
     def intercept(self, channel: grpc.Channel) -> grpc.Channel:
         """``grpc.intercept_channel(channel, self)``, closing this interceptor with it."""
         return _MeshChannel(grpc.intercept_channel(channel, self), self)
 
-    def _endpoint(self, host: Host) -> grpc.Channel:
-        channel = self._endpoints.get(host.key)
-        if channel is None:
-            with self._lock:
-                channel = self._endpoints.get(host.key)
-                if channel is None:
-                    channel = self._endpoints[host.key] = grpc.insecure_channel(
-                        _address(host), self._shared.options
-                    )
-        return channel
+    def _endpoint(self, attempt: Attempt) -> grpc.Channel:
+        shared = self._shared
+        return self._channels.get(shared.source, attempt, shared.options)  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        with self._lock:
-            endpoints, self._endpoints = self._endpoints, {}
-        for channel in endpoints.values():
+        for channel in self._channels.drain():
             channel.close()
 
     # unary-unary -------------------------------------------------------------------------------
@@ -722,7 +873,11 @@ class MeshClientInterceptor(
         timeout = _attempt_timeout(call, attempt, begun.deadline)
         if timeout is not None and timeout <= 0:
             return call.failed(attempt, Failure.TIMEOUT)
-        channel = self._endpoint(attempt.host)
+        try:
+            channel = self._endpoint(attempt)
+        except _Unsecured as refused:
+            call.failure_reason = f"TLS error: {refused}"
+            return call.failed(attempt, Failure.CONNECT_FAILURE)
         rpc = channel.unary_unary(shared.method(details, attempt), *begun.codec)
         metadata = shared.metadata(details, attempt, begun.observed)
         sent = time.monotonic()
@@ -798,7 +953,10 @@ class MeshClientInterceptor(
         if isinstance(attempt, MeshRpcError):
             return attempt
         timeout = _stream_timeout(begun.call, attempt, begun.deadline)
-        channel = self._endpoint(attempt.host)
+        try:
+            channel = self._endpoint(attempt)
+        except _Unsecured as refused:
+            return shared.refused(begun, attempt, refused, aio=False)
         method = shared.method(details, attempt)
         metadata = shared.metadata(details, attempt, begun.observed)
         sent = time.monotonic()
@@ -903,7 +1061,7 @@ class AsyncMeshClientInterceptor(
         self, source: EngineSource, target: str, *, options: Sequence[tuple[str, Any]] = ()
     ) -> None:
         self._shared = _Shared(source, target, options)
-        self._endpoints: dict[str, grpc.aio.Channel] = {}
+        self._channels = _Channels(_aio_channel)
         self._watchers: set[asyncio.Task[None]] = set()
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
@@ -912,19 +1070,14 @@ class AsyncMeshClientInterceptor(
         streaming calls out of the mesh."""
         return [self, _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
 
-    def _endpoint(self, host: Host) -> grpc.aio.Channel:
-        channel = self._endpoints.get(host.key)
-        if channel is None:
-            channel = self._endpoints[host.key] = grpc.aio.insecure_channel(
-                _address(host), self._shared.options
-            )
-        return channel
+    def _endpoint(self, attempt: Attempt) -> grpc.aio.Channel:
+        shared = self._shared
+        return self._channels.get(shared.source, attempt, shared.options)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
-        endpoints, self._endpoints = self._endpoints, {}
         for task in list(self._watchers):
             task.cancel()
-        for channel in endpoints.values():
+        for channel in self._channels.drain():
             await channel.close()
 
     # unary-unary -------------------------------------------------------------------------------
@@ -974,7 +1127,11 @@ class AsyncMeshClientInterceptor(
         timeout = _attempt_timeout(call, attempt, begun.deadline)
         if timeout is not None and timeout <= 0:
             return call.failed(attempt, Failure.TIMEOUT)
-        channel = self._endpoint(attempt.host)
+        try:
+            channel = self._endpoint(attempt)
+        except _Unsecured as refused:
+            call.failure_reason = f"TLS error: {refused}"
+            return call.failed(attempt, Failure.CONNECT_FAILURE)
         rpc = channel.unary_unary(shared.method(details, attempt), *begun.codec)
         metadata = shared.metadata(details, attempt, begun.observed)
         sent = time.monotonic()
@@ -1056,7 +1213,10 @@ class AsyncMeshClientInterceptor(
         if isinstance(attempt, MeshRpcError):
             raise attempt
         timeout = _stream_timeout(begun.call, attempt, begun.deadline)
-        channel = self._endpoint(attempt.host)
+        try:
+            channel = self._endpoint(attempt)
+        except _Unsecured as refused:
+            raise shared.refused(begun, attempt, refused, aio=True) from None
         metadata = shared.metadata(details, attempt, begun.observed)
         sent = time.monotonic()
         try:
