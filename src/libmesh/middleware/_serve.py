@@ -2,6 +2,7 @@
 process and the caller's verified identity handed to the app.
 
     libmesh.serve(app, mesh=mesh, host="127.0.0.1", port=8080)
+    libmesh.serve(flask_app, mesh=mesh, port=8080, interface="wsgi")   # WSGI apps too
 
 uvicorn does not pass client certificates to the app (no ``tls`` scope extension), and its
 TLS is all or nothing on a port. Here libmesh accepts the connections itself: it peeks at the
@@ -27,6 +28,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote, unquote
 
 from ..identity._tls import PeerError, peer_identity
 from ._http2 import PREFACE, Http2Protocol
@@ -45,8 +47,9 @@ def serve(
 ) -> None:
     """Run ``app`` with uvicorn on ``host:port``, accepting callers as the mesh's
     PeerAuthentication says; ``options`` go to ``uvicorn.Config`` (``log_level``, …; not
-    ``ssl_*``: the mesh's SVID is the certificate). Returns when the server stops (Ctrl+C,
-    SIGTERM: uvicorn's graceful shutdown)."""
+    ``ssl_*``: the mesh's SVID is the certificate). ``interface="wsgi"`` serves a WSGI app
+    (Flask), which gets the caller's certificate as ``SSL_CLIENT_CERT``. Returns when the server
+    stops (Ctrl+C, SIGTERM: uvicorn's graceful shutdown)."""
     server = _server(app, mesh, host, port, options)
     server.run()
 
@@ -68,6 +71,8 @@ def _server(app: Any, mesh: Any, host: str, port: int, options: dict[str, Any]) 
             f"libmesh.serve terminates the mesh's mutual TLS with the workload's SVID; "
             f"{', '.join(given)} cannot be given"
         )
+    if options.get("interface") == "wsgi":
+        app = _certificate_to_environ(app)
     config = uvicorn.Config(app, host=host, port=port, **options)
     return _mesh_server(config, mesh)
 
@@ -99,6 +104,8 @@ def _mesh_server(config: Any, mesh: Any) -> Any:
             )
             self.listener.setblocking(False)
             self.port = self.listener.getsockname()[1]
+            if config.interface == "wsgi":
+                config.loaded_app = _certificate_to_header(config.loaded_app)
             protocol = _protocol_class(config.http_protocol_class)
 
             def http1() -> asyncio.Protocol:
@@ -239,6 +246,42 @@ def _reason(exc: BaseException) -> str:
     if message:
         return f"{reason}: {message}"
     return str(reason or exc)
+
+
+# A WSGI app under uvicorn gets its environ built from the ASGI scope, which has no place for the
+# client's certificate: it travels from the scope to the environ in this header, which the
+# server sets itself after removing any copy a caller sent, and which the app never sees.
+_CERTIFICATE_HEADER = b"x-libmesh-client-certificate"
+_CERTIFICATE_ENVIRON = "HTTP_X_LIBMESH_CLIENT_CERTIFICATE"
+
+
+def _certificate_to_header(app: Any) -> Any:
+    async def carrying(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != _CERTIFICATE_HEADER]
+            tls = (scope.get("extensions") or {}).get("tls") or {}
+            chain = tls.get("client_cert_chain")
+            if chain and not tls.get("client_cert_error"):
+                headers.append((_CERTIFICATE_HEADER, quote(chain[0]).encode("ascii")))
+            scope = {**scope, "headers": headers}
+        await app(scope, receive, send)
+
+    return carrying
+
+
+def _certificate_to_environ(app: Any) -> Any:
+    """The WSGI app, given the certificate as mod_ssl and werkzeug name it (``SSL_CLIENT_CERT``,
+    read by :class:`MeshWSGIMiddleware`)."""
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        certificate = environ.pop(_CERTIFICATE_ENVIRON, None)
+        if certificate:
+            environ["SSL_CLIENT_CERT"] = unquote(certificate)
+            environ["SSL_CLIENT_VERIFY"] = "SUCCESS"
+            environ["HTTPS"] = "on"
+        return app(environ, start_response)
+
+    return wsgi
 
 
 class _Chooser(asyncio.Protocol):
