@@ -12,13 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 
 import libmesh
 from tests.conftest import unused_port
-from tests.integration.test_mtls import token
+from tests.integration.test_mtls import sign, token
 from tests.meshd_process import MeshdProcess
 
 StartMeshd = Callable[..., MeshdProcess]
@@ -231,3 +232,107 @@ def test_libmeshs_own_grpc_client_runs_mtls_with_its_svid_and_checks_the_servers
     assert denied == (grpc.StatusCode.PERMISSION_DENIED, "RBAC: access denied")
     assert isinstance(impostor, tuple)
     assert impostor[0] is grpc.StatusCode.UNAVAILABLE  # echo's SVID is not billing's
+
+
+def test_a_grpc_server_refuses_foreign_expired_not_yet_valid_and_unauthorized_clients(
+    tmp_path: Path, start_meshd: StartMeshd
+) -> None:
+    """The server side of the security matrix for a grpcio server with libmesh's credentials
+    and interceptor: each case a real handshake and call from plain grpcio with a hand-made
+    client certificate."""
+    port = unused_port()
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port))
+    meshd = start_meshd(tmp_path / "mesh")
+    roots = (meshd.ca_dir / "root-cert.pem").read_bytes()
+    intruder = "spiffe://cluster.local/ns/shop/sa/intruder"
+    cases = {
+        "good": sign(meshd.ca_dir, tmp_path / "good", WEB, valid=(-60, 600)),
+        "expired": sign(meshd.ca_dir, tmp_path / "expired", WEB, valid=(-7200, -3600)),
+        "not yet valid": sign(meshd.ca_dir, tmp_path / "future", WEB, valid=(3600, 7200)),
+        "foreign CA": sign(tmp_path / "foreign-ca", tmp_path / "foreign", WEB, valid=(-60, 600)),
+        "other trust domain": sign(
+            tmp_path / "other-ca", tmp_path / "other", "spiffe://example.org/ns/shop/sa/web",
+            valid=(-60, 600),
+        ),
+        "not allowed": sign(meshd.ca_dir, tmp_path / "intruder", intruder, valid=(-60, 600)),
+    }  # fmt: skip
+    server = start_server(meshd, port)
+    outcomes: dict[str, object] = {}
+    try:
+        time.sleep(0.5)  # the server's policies from meshd
+        for case, (certificate, key) in cases.items():
+            credentials = grpc.ssl_channel_credentials(
+                roots, key.read_bytes(), certificate.read_bytes()
+            )
+            # the server's SVID carries its DNS form: plain grpcio can check who it is
+            options = [("grpc.ssl_target_name_override", "echo.shop.spiffe.cluster.local")]
+            with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options) as channel:
+                try:
+                    outcomes[case] = channel.unary_unary("/test.Echo/Who")(b"", timeout=5)
+                except grpc.RpcError as error:
+                    outcomes[case] = error.code()  # type: ignore[attr-defined]
+    finally:
+        stop(server)
+
+    assert outcomes == {
+        "good": WEB.encode(),
+        "expired": grpc.StatusCode.UNAVAILABLE,  # the handshake fails
+        "not yet valid": grpc.StatusCode.UNAVAILABLE,
+        "foreign CA": grpc.StatusCode.UNAVAILABLE,
+        "other trust domain": grpc.StatusCode.UNAVAILABLE,
+        "not allowed": grpc.StatusCode.PERMISSION_DENIED,  # AuthorizationPolicy
+    }
+
+
+def test_one_grpc_port_takes_mtls_and_plaintext_as_peer_authentication_says(
+    tmp_path: Path, start_meshd: StartMeshd
+) -> None:
+    """grpcio's server takes TLS or plaintext per port; ``MeshGrpcPort`` takes both on one,
+    as PERMISSIVE asks, and only mTLS once STRICT."""
+    port = unused_port()
+    (tmp_path / "mesh").mkdir()
+    without_policy = mesh(port).rsplit("---", 1)[0]  # (anyone may call: plaintext included)
+    (tmp_path / "mesh" / "echo.yaml").write_text(without_policy)
+    meshd = start_meshd(tmp_path / "mesh")
+    with _connect(meshd, "echo") as echo:
+
+        def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+            inbound = libmesh.current_inbound()
+            return (inbound.peer_principal if inbound else "?").encode() or b"plaintext"
+
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            interceptors=[libmesh.middleware.MeshServerInterceptor(echo, port=port)],
+        )
+        handlers = {"Who": grpc.unary_unary_rpc_method_handler(who)}
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Echo", handlers),)
+        )
+        served = libmesh.middleware.MeshGrpcPort(server, echo, f"127.0.0.1:{port}")
+        server.start()
+        served.start()
+        try:
+            with _connect(meshd, "web") as web:
+                mutual = _who(web)
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    plaintext = channel.unary_unary("/test.Echo/Who")(b"", timeout=5)
+                (tmp_path / "mesh" / "strict.yaml").write_text(STRICT.removeprefix("\n---\n"))
+                deadline = time.monotonic() + 10
+                while echo.engine.inbound.mode(port).value != "STRICT":
+                    assert time.monotonic() < deadline, "STRICT never arrived"
+                    time.sleep(0.05)
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    try:
+                        refused: object = channel.unary_unary("/test.Echo/Who")(b"", timeout=5)
+                    except grpc.RpcError as error:
+                        refused = error.code()  # type: ignore[attr-defined]
+                still_mutual = _who(web)
+        finally:
+            served.close()
+            server.stop(None)
+
+    assert mutual == WEB.encode()  # the client's SVID reached the interceptor
+    assert plaintext == b"plaintext"  # PERMISSIVE: the same port, without TLS
+    assert refused is grpc.StatusCode.UNAVAILABLE  # STRICT: the connection is refused
+    assert still_mutual == WEB.encode()

@@ -5,11 +5,13 @@ request's mesh context (``libmesh.current_inbound()``)."""
 
 from ._asgi import MeshMiddleware, metrics_asgi_app
 from ._grpc import AsyncMeshServerInterceptor, MeshServerInterceptor
+from ._grpc_port import MeshGrpcPort
 from ._serve import serve, serve_async
 from ._wsgi import MeshWSGIMiddleware, metrics_wsgi_app
 
 __all__ = [
     "AsyncMeshServerInterceptor",
+    "MeshGrpcPort",
     "MeshMiddleware",
     "MeshServerInterceptor",
     "MeshWSGIMiddleware",

@@ -30,6 +30,7 @@ from ..transport._jwks import JwksCache
 from ._asgi import _telemetry_of
 from ._authentication import NOTHING, Authenticated, authenticate, authenticate_async
 from ._authorization import report_decision
+from ._grpc_port import caller_of
 
 __all__ = ["AsyncMeshServerInterceptor", "MeshServerInterceptor"]
 
@@ -47,7 +48,11 @@ class _Verdict(NamedTuple):
 def _arrival(details: grpc.HandlerCallDetails, context: Any) -> tuple[dict[str, str], str, str]:
     headers = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
     peer = context.peer() or ""  # "ipv4:127.0.0.1:54321"
-    address = peer.split(":", 1)[1].rpartition(":")[0] if ":" in peer else peer
+    origin = caller_of(peer)  # passed on by a MeshGrpcPort: the real caller
+    if origin is not None:
+        address = origin[0]
+    else:
+        address = peer.split(":", 1)[1].rpartition(":")[0] if ":" in peer else peer
     certificates = (context.auth_context() or {}).get("x509_pem_cert")
     principal = principal_of_pem(certificates[0].decode()) if certificates else ""
     return headers, address, principal

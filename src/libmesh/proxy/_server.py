@@ -22,6 +22,7 @@ import httptools
 import httpx
 
 from ..middleware._asgi import ASGIApp
+from ..middleware._grpc_port import Relay
 from ..middleware._http2 import PREFACE, Http2Protocol
 from ..transport._http1 import Tunnel
 from ._forward import RETRY_BUFFER, Drain, forwarded_headers, outbound_app
@@ -384,9 +385,7 @@ class _Connection(asyncio.Protocol):
         downstream = self.transport
         try:
             upstream, _ = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Relay(downstream), host.strip("[]"), int(port)
-                ),
+                self.loop.create_connection(lambda: Relay(downstream), host.strip("[]"), int(port)),
                 10,
             )
         except (OSError, TimeoutError) as exc:
@@ -394,7 +393,7 @@ class _Connection(asyncio.Protocol):
             downstream.close()
             return
         upstream.write(first)
-        downstream.set_protocol(_Relay(upstream, lambda: self.connection_lost(None)))
+        downstream.set_protocol(Relay(upstream, lambda: self.connection_lost(None)))
         downstream.resume_reading()
 
     async def _tunnel(self, response: httpx.Response, tunnel: Tunnel) -> None:
@@ -438,34 +437,6 @@ class _Connection(asyncio.Protocol):
 
 
 _TLS_HANDSHAKE = 0x16
-
-
-class _Relay(asyncio.Protocol):
-    """One side of a TCP relay: what arrives goes to ``peer`` as it is."""
-
-    def __init__(self, peer: Any, lost: Callable[[], None] | None = None) -> None:
-        self.peer = peer
-        self.lost = lost
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-
-    def eof_received(self) -> bool:
-        if self.peer.can_write_eof():
-            self.peer.write_eof()
-            return True  # half-closed: the other way may still talk
-        return False
-
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.peer.close()
-        if self.lost is not None:
-            self.lost()
 
 
 _NOT_ON_A_SWITCH = frozenset({b"content-length", b"transfer-encoding", b"keep-alive"})
