@@ -103,6 +103,7 @@ class MeshGrpcPort:
             self.tls_port = server.add_secure_port("127.0.0.1:0", credentials)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._open: set[Any] = set()  # the relays' transports, closed with the port
 
     def start(self) -> MeshGrpcPort:
         ready = threading.Event()
@@ -115,6 +116,9 @@ class MeshGrpcPort:
             except asyncio.CancelledError:
                 pass
             finally:
+                for transport in list(self._open):
+                    transport.abort()
+                loop.run_until_complete(asyncio.sleep(0.05))  # (their connection_lost)
                 loop.close()
 
         self._thread = threading.Thread(target=run, name=f"libmesh-grpc-port-{self.port}")
@@ -151,9 +155,18 @@ class MeshGrpcPort:
             task.add_done_callback(pending.discard)
 
     async def _admit(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self._pass_on(loop, connection, peer)
+        except BaseException:  # (cancelled with the port, or a bug): the caller is let go
+            connection.close()
+            raise
+
+    async def _pass_on(
+        self, loop: asyncio.AbstractEventLoop, connection: socket.socket, peer: tuple[str, int]
+    ) -> None:
         from ._serve import _peek
 
-        loop = asyncio.get_running_loop()
         try:
             first = await asyncio.wait_for(_peek(loop, connection), _FIRST_BYTE_TIMEOUT)
         except (TimeoutError, OSError):
@@ -187,11 +200,21 @@ class MeshGrpcPort:
             return
         local: int = upstream.get_extra_info("sockname")[1]
         _CALLERS[local] = peer
+        self._open.add(upstream)
+        downstream: Any = None
 
         def forget() -> None:
             _CALLERS.pop(local, None)
+            self._open.discard(upstream)
+            self._open.discard(downstream)
 
-        downstream, _ = await loop.connect_accepted_socket(
-            lambda: Relay(upstream, forget), connection
-        )
+        try:
+            downstream, _ = await loop.connect_accepted_socket(
+                lambda: Relay(upstream, forget), connection
+            )
+        except BaseException:
+            upstream.close()
+            self._open.discard(upstream)
+            raise
+        self._open.add(downstream)
         relay.connect(downstream)
