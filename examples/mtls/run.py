@@ -3,11 +3,12 @@
     .venv/bin/python examples/mtls/run.py
 
 1. meshd starts with its CA; the pay service gets its SVID with a bootstrap token and serves
-   with ``libmesh.serve``; the web client (its own SVID) calls it: auto mTLS, and pay sees
-   the caller's SPIFFE ID. A plain HTTP client still gets in: the default is PERMISSIVE.
+   with ``libmesh.serve`` (and gRPC beside it); the web client (its own SVID) calls it over
+   HTTP and gRPC: auto mTLS, and pay sees the caller's SPIFFE ID. Plain clients still get
+   in: the default is PERMISSIVE.
 2. ``strict.yaml`` goes into meshd's directory: PeerAuthentication STRICT and an
-   AuthorizationPolicy. Plaintext is refused; web may GET; web's POST and another service
-   account's GET get 403.
+   AuthorizationPolicy. Plaintext is refused; web may GET and call the Ledger; web's POST and
+   another service account's GET get 403.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 
 import libmesh
 
 HERE = Path(__file__).parent
 PAY = "http://pay.shop.svc.cluster.local:8080/balance"
+LEDGER = "pay.shop.svc.cluster.local:9090"
 
 
 def free_port() -> int:
@@ -61,11 +64,18 @@ def attempt(send: Callable[[], httpx.Response]) -> str:
     return f"{response.status_code} {response.text}"
 
 
+def call(channel: grpc.Channel) -> str:
+    try:
+        return bytes(channel.unary_unary("/pay.Ledger/Balance")(b"", timeout=5)).decode()
+    except grpc.RpcError as exc:
+        return f"{exc.code().name} {exc.details()}"  # type: ignore[attr-defined]
+
+
 def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="mtls-example-"))
     config, ca_dir = scratch / "mesh", scratch / "ca"
     shutil.copytree(HERE / "mesh", config)
-    xds, pay_port = free_port(), free_port()
+    xds, pay_port, grpc_port = free_port(), free_port(), free_port()
     processes = []
     try:
         meshd = subprocess.Popen(
@@ -79,7 +89,7 @@ def main() -> int:
         address = f"127.0.0.1:{xds}"
         pay_log = (scratch / "pay.log").open("w")
         pay = subprocess.Popen(
-            [sys.executable, str(HERE / "pay.py"), address, str(pay_port)],
+            [sys.executable, str(HERE / "pay.py"), address, str(pay_port), str(grpc_port)],
             env={**os.environ, "LIBMESH_TOKEN": token(ca_dir, "pay")},
             stderr=pay_log,
         )
@@ -92,10 +102,17 @@ def main() -> int:
         for mesh in (web, other):
             wait_for(lambda m=mesh: (c := m.engine.cluster(cluster)) and c.hosts, "pay")
         direct = f"http://127.0.0.1:{pay_port}/balance"
-        with web.client() as web_client, other.client() as other_client:
+        with (
+            web.client() as web_client,
+            other.client() as other_client,
+            web.grpc_channel(LEDGER) as web_grpc,
+            grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as plain_grpc,
+        ):
             print("1. PERMISSIVE (the default)")
             print(f"   web   GET  pay -> {attempt(lambda: web_client.get(PAY))}")
             print(f"   plain GET  pay -> {attempt(lambda: httpx.get(direct, timeout=5))}")
+            print(f"   web   gRPC pay -> {call(web_grpc)}")
+            print(f"   plain gRPC pay -> {call(plain_grpc)}")
 
             shutil.copy(HERE / "strict.yaml", config / "strict.yaml")
             wait_for(lambda: other_client.get(PAY).status_code == 403, "the policy to apply")
@@ -104,6 +121,8 @@ def main() -> int:
             print(f"   web   POST pay -> {attempt(lambda: web_client.post(PAY))}")
             print(f"   batch GET  pay -> {attempt(lambda: other_client.get(PAY))}")
             print(f"   plain GET  pay -> {attempt(lambda: httpx.get(direct, timeout=5))}")
+            print(f"   web   gRPC pay -> {call(web_grpc)}")
+            print(f"   plain gRPC pay -> {call(plain_grpc)}")
         web.close()
         other.close()
         pay.terminate()

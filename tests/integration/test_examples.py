@@ -57,6 +57,13 @@ def test_the_mtls_example_goes_from_permissive_to_strict_with_an_authorization_p
     assert "batch GET  pay -> 403 RBAC: access denied" in out
     assert "plain GET  pay -> refused" in out
     assert "refused a plaintext connection" in out  # pay's log says why
+    # gRPC beside it: libmesh's grpc client over mTLS, a plain grpcio client only while PERMISSIVE
+    ledger = "web   gRPC pay -> balance 42 for spiffe://cluster.local/ns/shop/sa/web"
+    assert out.count(ledger) == 2
+    assert "plain gRPC pay -> balance 42 for \n" in out
+    # (refused per call on the connection it kept from before, or per connection on a new one)
+    refused = r"plain gRPC pay -> (UNAUTHENTICATED mutual TLS required: port \d+ is STRICT|UNAVAIL)"
+    assert re.search(refused, out)
 
 
 def test_the_proxy_example_puts_nginx_and_curl_in_the_mesh_beside_fastapi() -> None:
