@@ -367,30 +367,40 @@ def test_start_up_errors_say_what_is_wrong(mesh_dir: MeshDir, tmp_path: Path) ->
 
 # -- connected: meshd, mTLS, nginx -----------------------------------------------------------------
 
-NGINX_MESH = """
+
+def strict_service(name: str, port: str = "http", protocol: str = "HTTP", caller: str = "") -> str:
+    """A service of shop whose workloads register themselves (``app: <name>``), mTLS STRICT in
+    the namespace, and, with ``caller``, only that service account allowed to call it."""
+    text = f"""
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: nginx, namespace: shop}
+metadata: {{name: {name}, namespace: shop}}
 spec:
-  hosts: [nginx.shop.svc.cluster.local]
+  hosts: [{name}.shop.svc.cluster.local]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  workloadSelector: {labels: {app: nginx}}
+  ports: [{{number: 8080, name: {port}, protocol: {protocol}}}]
+  workloadSelector: {{labels: {{app: {name}}}}}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
----
+metadata: {{name: default, namespace: shop}}
+spec: {{mtls: {{mode: STRICT}}}}
+"""
+    if caller:
+        text += f"""---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: nginx-callers, namespace: shop}
+metadata: {{name: {name}-callers, namespace: shop}}
 spec:
-  selector: {matchLabels: {app: nginx}}
+  selector: {{matchLabels: {{app: {name}}}}}
   action: ALLOW
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/{caller}]}}}}]}}]
 """
+    return text
+
+
+NGINX_MESH = strict_service("nginx", caller="web")
 NGINX_URL = "http://nginx.shop.svc.cluster.local:8080"
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from tests.integration.test_mtls import (
     WEB_ID,
     connect,
     set_mode,
+    sign,
     token,
     wait_for_endpoint,
 )
@@ -73,6 +75,14 @@ def test_a_flask_app_served_by_libmesh_sees_the_callers_spiffe_id(
             headers={"x-libmesh-client-certificate": "-----BEGIN CERTIFICATE-----"},
             timeout=5,
         ).json()
+        # the environ spells "_" as "-" does: that spelling is dropped too, a real SVID with it
+        stolen, _ = sign(meshd.ca_dir, meshd.ca_dir.parent / "stolen", WEB_ID, valid=(-60, 600))
+        pem = stolen.read_text()  # a real SVID's certificate (public: no key needed to send it)
+        underscored = httpx.get(
+            f"http://127.0.0.1:{port}/",
+            headers={"x_libmesh_client_certificate": quote(pem)},
+            timeout=5,
+        ).json()
         set_mode(meshd, config, mesh, "STRICT")
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
@@ -82,6 +92,8 @@ def test_a_flask_app_served_by_libmesh_sees_the_callers_spiffe_id(
         mesh.close()
     assert [answer["peer"] for answer in mutual] == [WEB_ID] * 3
     assert forged["peer"] == ""
+    assert underscored["peer"] == ""
+    assert "x-libmesh-client-certificate" not in underscored["headers"]
     assert "x-libmesh-client-certificate" not in forged["headers"]
     assert "x-libmesh-client-certificate" not in mutual[0]["headers"]
     assert strict["peer"] == WEB_ID

@@ -86,6 +86,13 @@ def start_server(meshd: MeshdProcess, port: int) -> subprocess.Popen[str]:
     return process
 
 
+def _meshd(tmp_path: Path, start_meshd: StartMeshd, config: str) -> MeshdProcess:
+    """meshd on a directory holding ``config`` as echo.yaml (tmp_path/mesh)."""
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "echo.yaml").write_text(config)
+    return start_meshd(tmp_path / "mesh")
+
+
 def stop(server: subprocess.Popen[str]) -> str:
     server.terminate()
     output, _ = server.communicate(timeout=10)
@@ -96,9 +103,7 @@ def test_grpc_xds_client_and_server_run_mtls_with_svids_and_authorization(
     tmp_path: Path, start_meshd: StartMeshd
 ) -> None:
     port = unused_port()
-    (tmp_path / "mesh").mkdir()
-    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port))
-    meshd = start_meshd(tmp_path / "mesh")
+    meshd = _meshd(tmp_path, start_meshd, mesh(port))
     server = start_server(meshd, port)
     try:
         time.sleep(0.5)  # the server's policies from meshd
@@ -113,10 +118,8 @@ def test_grpc_xds_client_refuses_a_server_whose_spiffe_id_is_not_expected(
     tmp_path: Path, start_meshd: StartMeshd
 ) -> None:
     port = unused_port()
-    (tmp_path / "mesh").mkdir()
     other = ", subjectAltNames: [spiffe://cluster.local/ns/shop/sa/billing]"
-    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port, other))
-    meshd = start_meshd(tmp_path / "mesh")
+    meshd = _meshd(tmp_path, start_meshd, mesh(port, other))
     server = start_server(meshd, port)
     try:
         [answer] = client(meshd, "web", calls=1)
@@ -140,9 +143,7 @@ def test_a_grpcio_xds_server_takes_its_tls_and_rbac_from_meshd(
     """grpcio enforces what meshd sends its xDS server: STRICT as mutual TLS with the SVID from
     the file_watcher provider, and AuthorizationPolicy as RBAC — no libmesh code in the call."""
     port = unused_port()
-    (tmp_path / "mesh").mkdir()
-    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port) + STRICT)
-    meshd = start_meshd(tmp_path / "mesh")
+    meshd = _meshd(tmp_path, start_meshd, mesh(port) + STRICT)
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.mesh_grpc", "xds-server", meshd.xds_address,
          token(meshd, "shop", "echo"), str(port)],
@@ -189,9 +190,7 @@ def test_libmeshs_own_grpc_client_runs_mtls_with_its_svid_and_checks_the_servers
     and check the server's SPIFFE ID through its DNS form in the SVID (grpcio's credentials
     check host names only)."""
     port = unused_port()
-    (tmp_path / "mesh").mkdir()
-    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port))
-    meshd = start_meshd(tmp_path / "mesh")
+    meshd = _meshd(tmp_path, start_meshd, mesh(port))
     server = start_server(meshd, port)
     try:
         time.sleep(0.5)  # the server's policies from meshd
@@ -207,7 +206,7 @@ def test_libmeshs_own_grpc_client_runs_mtls_with_its_svid_and_checks_the_servers
             while rotating.identity.current() is first and time.monotonic() < deadline:
                 time.sleep(0.1)
             after = who(b"", timeout=5)
-            made = [svid for svid, _ in channel._interceptor._channels._made.values()]  # type: ignore[attr-defined]
+            made = [made[0] for made, _ in channel._interceptor._channels._made.values()]  # type: ignore[attr-defined]
             rotated = rotating.identity.current()
         with _connect(meshd, "nobody", with_token=False) as anonymous:
             without_identity = _who(anonymous)
@@ -241,9 +240,7 @@ def test_a_grpc_server_refuses_foreign_expired_not_yet_valid_and_unauthorized_cl
     and interceptor: each case a real handshake and call from plain grpcio with a hand-made
     client certificate."""
     port = unused_port()
-    (tmp_path / "mesh").mkdir()
-    (tmp_path / "mesh" / "echo.yaml").write_text(mesh(port))
-    meshd = start_meshd(tmp_path / "mesh")
+    meshd = _meshd(tmp_path, start_meshd, mesh(port))
     roots = (meshd.ca_dir / "root-cert.pem").read_bytes()
     intruder = "spiffe://cluster.local/ns/shop/sa/intruder"
     cases = {
@@ -291,10 +288,8 @@ def test_one_grpc_port_takes_mtls_and_plaintext_as_peer_authentication_says(
     """grpcio's server takes TLS or plaintext per port; ``MeshGrpcPort`` takes both on one,
     as PERMISSIVE asks, and only mTLS once STRICT."""
     port = unused_port()
-    (tmp_path / "mesh").mkdir()
     without_policy = mesh(port).rsplit("---", 1)[0]  # (anyone may call: plaintext included)
-    (tmp_path / "mesh" / "echo.yaml").write_text(without_policy)
-    meshd = start_meshd(tmp_path / "mesh")
+    meshd = _meshd(tmp_path, start_meshd, without_policy)
     with _connect(meshd, "echo") as echo:
 
         def who(request: bytes, context: grpc.ServicerContext) -> bytes:

@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from tests.conftest import unused_port
 from tests.integration.test_mtls import token
-from tests.integration.test_proxy import NGINX_MESH, NGINX_URL
+from tests.integration.test_proxy import NGINX_MESH, NGINX_URL, strict_service
 from tests.integration.test_proxy_websocket import ChatServer
 from tests.meshd_process import MeshdProcess
 from tests.proxy_process import Nginx, ProxyProcess, curl
@@ -208,22 +208,7 @@ def test_a_grpcio_client_without_libmesh_calls_a_grpc_server_through_envoy_mode(
     assert "fails call" in denied[0][1]
 
 
-CHAT_MESH = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: chat, namespace: shop}
-spec:
-  hosts: [chat.shop.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  workloadSelector: {labels: {app: chat}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
-"""
+CHAT_MESH = strict_service("chat")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import unused_port
 from tests.integration.test_mtls import token
-from tests.integration.test_proxy import caller_proxy
+from tests.integration.test_proxy import caller_proxy, strict_service
 from tests.meshd_process import MeshdProcess
 from tests.proxy_process import ProxyProcess
 
@@ -132,41 +132,17 @@ def test_a_grpcio_client_calls_grpc_servers_through_the_python_engine(
     assert 'grpc_response_status="7"' in metrics
 
 
-ECHO_MESH = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: echo, namespace: shop}
-spec:
-  hosts: [echo.shop.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{number: 8080, name: grpc, protocol: GRPC}]
-  workloadSelector: {labels: {app: echo}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: echo-callers, namespace: shop}
-spec:
-  selector: {matchLabels: {app: echo}}
-  action: ALLOW
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
-"""
+ECHO_MESH = strict_service("echo", "grpc", "GRPC", caller="web")
 
 
 def test_grpc_between_two_proxies_is_mutual_tls_and_authorized(
     start_meshd: Callable[..., MeshdProcess],
     start_grpc_backends: StartGrpcBackends,
     start_proxy: StartProxy,
-    tmp_path: Path,
+    mesh_dir: Callable[..., Path],
 ) -> None:
-    (tmp_path / "mesh").mkdir()
-    (tmp_path / "mesh" / "mesh.yaml").write_text(ECHO_MESH)
-    meshd = start_meshd(tmp_path / "mesh")
+    mesh_dir(ECHO_MESH)
+    meshd = start_meshd()
     backend = start_grpc_backends(1)
     inbound = unused_port()
     start_proxy(

@@ -77,7 +77,11 @@ def test_what_is_not_a_spiffe_id_is_refused_with_the_rule(text: str, reason: str
     ("text", "name"),
     [
         ("spiffe://cluster.local/ns/shop/sa/reviews", "reviews.shop.spiffe.cluster.local"),
-        ("spiffe://example.org/ns/Shop/sa/web-1", "web-1.shop.spiffe.example.org"),
+        ("spiffe://example.org/ns/shop/sa/web-1", "web-1.shop.spiffe.example.org"),
+        # not one lower-case label each: "a.b" in "ns" and "a" in "b.ns" would share a name
+        ("spiffe://cluster.local/ns/ns/sa/a.b", None),
+        ("spiffe://cluster.local/ns/b.ns/sa/a", None),
+        ("spiffe://cluster.local/ns/Shop/sa/web", None),  # would be shop/web's
         ("spiffe://cluster.local/ns/shop/sa/under_score", None),  # not a host name
         ("spiffe://cluster.local/workload/reviews", None),  # not Istio-shaped
         ("spiffe://cluster.local/ns/shop/sa/" + "x" * 64, None),  # a label is at most 63

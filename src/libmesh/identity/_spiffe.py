@@ -82,7 +82,10 @@ class SpiffeId:
         namespace, account = self.namespace, self.service_account
         if namespace is None or account is None:
             return None
-        name = f"{account}.{namespace}.spiffe.{self.trust_domain}".lower()
+        # each one lower-case label, never folded or split: two identities never share a name
+        if not (_DNS_LABEL.fullmatch(namespace) and _DNS_LABEL.fullmatch(account)):
+            return None
+        name = f"{account}.{namespace}.spiffe.{self.trust_domain}"
         if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
             return None
         return name

@@ -396,6 +396,11 @@ class Http2Protocol(asyncio.Protocol):
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.id, None)
+        unread = sum(length for _, length in stream.chunks)
+        stream.chunks.clear()
+        if unread and not self.closed:  # the window a body nobody read holds is given back
+            self.h2.acknowledge_received_data(unread, stream.id)
+            self._flush()
         if self.closing and not self.streams and not self.closed:
             self.transport.close()
 

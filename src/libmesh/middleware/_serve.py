@@ -258,7 +258,12 @@ _CERTIFICATE_ENVIRON = "HTTP_X_LIBMESH_CLIENT_CERTIFICATE"
 def _certificate_to_header(app: Any) -> Any:
     async def carrying(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() != _CERTIFICATE_HEADER]
+            # (a WSGI environ spells "-" and "_" alike: neither spelling of a caller's survives)
+            headers = [
+                (k, v)
+                for k, v in scope["headers"]
+                if k.lower().replace(b"_", b"-") != _CERTIFICATE_HEADER
+            ]
             tls = (scope.get("extensions") or {}).get("tls") or {}
             chain = tls.get("client_cert_chain")
             if chain and not tls.get("client_cert_error"):

@@ -31,11 +31,11 @@ import httptools
 import httpx
 
 from .._exceptions import UpstreamError, UpstreamTimeout
-from ..identity._tls import principal_of_pem
-from ..middleware._asgi import ASGIApp, Receive, Scope, Send
+from ..middleware._asgi import ASGIApp, Receive, Scope, Send, _principal
 from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
 from ..transport._http1 import Http1Endpoint, Tunnel
 from ..transport._http2 import Http2Endpoint
+from ..transport._httpx import _is_grpc
 
 if TYPE_CHECKING:
     from ._server import Incoming
@@ -354,7 +354,7 @@ class Inbound:
             content=await _request_content(scope, receive),
         )
         # gRPC exists only over HTTP/2 (with trailers); everything else goes as HTTP/1.1
-        grpc = (request.headers.get("content-type") or "").startswith("application/grpc")
+        grpc = _is_grpc(request)
         transport = self.grpc_transport if grpc else self.transport
         try:
             response = await transport.handle_async_request(request)
@@ -436,9 +436,8 @@ def _caller(scope: Scope) -> tuple[str, bytes | None] | None:
     inbound = state.get("libmesh")
     tls = (scope.get("extensions") or {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or ()
-    principal = getattr(inbound, "peer_principal", "")
-    if inbound is None and chain and not tls.get("client_cert_error"):  # (a WebSocket's)
-        principal = principal_of_pem(chain[0])
+    # (a WebSocket's scope has no libmesh state: its certificate says who it is)
+    principal = getattr(inbound, "peer_principal", "") if inbound is not None else _principal(scope)
     if not principal:
         return None
     der = ssl.PEM_cert_to_DER_cert(chain[0]) if chain else None

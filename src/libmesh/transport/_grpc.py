@@ -70,12 +70,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-from cryptography.hazmat.primitives import serialization
 
 from .._exceptions import ConfigError, MeshError
 from .._testing import asleep as _asleep
 from .._testing import sleep as _sleep
 from ..identity._spiffe import SpiffeId, SpiffeIdError
+from ..identity._tls import _pem
 from ..policy import (
     DELIVER,
     Attempt,
@@ -443,7 +443,7 @@ class _Security:
     certificate must carry (``grpc.ssl_target_name_override``), and what they were made from
     (the SVID: a rotated one makes new channels)."""
 
-    credentials: Any
+    credentials: Callable[[], Any]  # made only for a new channel (key serialization, files)
     name: str | None
     made_from: object
 
@@ -457,7 +457,7 @@ def _security(source: Any, tls: UpstreamTls | None) -> _Security | None:
         return None
     if tls.kind is not TlsKind.MESH:  # DestinationRule SIMPLE / MUTUAL: TLS origination
         return _Security(
-            grpc.ssl_channel_credentials(
+            lambda: grpc.ssl_channel_credentials(
                 _read(tls.ca_file), _read(tls.key_file), _read(tls.cert_file)
             ),
             tls.sni or next(iter(tls.subject_alt_names), None),
@@ -484,12 +484,13 @@ def _security(source: Any, tls: UpstreamTls | None) -> _Security | None:
         raise _Unsecured(f"cannot check the server's identity {expected[0]!r}: {exc}") from exc
     if name is None:
         raise _Unsecured(f"{expected[0]} has no DNS form for grpcio to check")
-    bundle = "".join(
-        certificate.public_bytes(serialization.Encoding.PEM).decode()
-        for certificate in identity.bundle
-    )
-    credentials = grpc.ssl_channel_credentials(bundle.encode(), svid.key_pem(), svid.chain_pem())
-    return _Security(credentials, name, svid)
+    bundle = identity.bundle
+
+    def credentials() -> Any:
+        return grpc.ssl_channel_credentials(_pem(bundle).encode(), svid.key_pem(), svid.chain_pem())
+
+    # (a rotated SVID or trust bundle: new channels; compared by identity first, so cheaply)
+    return _Security(credentials, name, (svid, bundle))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -505,10 +506,14 @@ class _Channels:
 
     GRACE = 30.0
 
-    def __init__(self, make: Callable[[str, Sequence[tuple[str, Any]], Any], Any]) -> None:
+    def __init__(
+        self, make: Callable[[str, Sequence[tuple[str, Any]], Any], Any], *, aio: bool = False
+    ) -> None:
         self._make = make  # (address, options, credentials or None) -> channel
+        self._aio = aio
         self._made: dict[tuple[str, str | None], tuple[object, Any]] = {}
         self._lock = threading.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, source: Any, attempt: Attempt, options: Sequence[tuple[str, Any]]) -> Any:
         host = attempt.host
@@ -516,11 +521,11 @@ class _Channels:
         key = (host.key, security.name if security is not None else None)
         made_from = security.made_from if security is not None else None
         found = self._made.get(key)
-        if found is not None and found[0] is made_from:
+        if found is not None and found[0] == made_from:
             return found[1]
         with self._lock:
             found = self._made.get(key)
-            if found is not None and found[0] is made_from:
+            if found is not None and found[0] == made_from:
                 return found[1]
             if security is not None and security.name is not None:
                 # grpcio checks each call's authority against the server's certificate too,
@@ -531,7 +536,7 @@ class _Channels:
                     ("grpc.ssl_target_name_override", security.name),
                 ]
             channel = self._make(
-                _address(host), options, security.credentials if security else None
+                _address(host), options, security.credentials() if security else None
             )
             self._made[key] = (made_from, channel)
         if found is not None:
@@ -539,9 +544,18 @@ class _Channels:
         return channel
 
     def retire(self, channel: Any) -> None:
+        if self._aio:  # (called on the interceptor's loop: closed there, later)
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.GRACE, self._close_later, loop, channel)
+            return
         timer = threading.Timer(self.GRACE, _close_quietly, (channel,))
         timer.daemon = True
         timer.start()
+
+    def _close_later(self, loop: asyncio.AbstractEventLoop, channel: Any) -> None:
+        task = loop.create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def drain(self) -> list[Any]:
         with self._lock:
@@ -551,9 +565,7 @@ class _Channels:
 
 def _close_quietly(channel: Any) -> None:
     try:
-        result = channel.close()
-        if asyncio.iscoroutine(result):  # an aio channel: closed on no loop of ours
-            result.close()
+        channel.close()
     except Exception:  # a channel already closed with its interceptor
         logger.debug("closing a retired channel failed", exc_info=True)
 
@@ -1061,7 +1073,7 @@ class AsyncMeshClientInterceptor(
         self, source: EngineSource, target: str, *, options: Sequence[tuple[str, Any]] = ()
     ) -> None:
         self._shared = _Shared(source, target, options)
-        self._channels = _Channels(_aio_channel)
+        self._channels = _Channels(_aio_channel, aio=True)
         self._watchers: set[asyncio.Task[None]] = set()
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:

@@ -24,7 +24,9 @@ from typing import Any
 import httptools
 import httpx
 
-__all__ = ["Http1Endpoint", "Tunnel"]
+from ._httpx import _server_name
+
+__all__ = ["Endpoint", "Http1Endpoint", "Tunnel"]
 
 _MAX_IDLE = 100
 _HIGH_WATER = 1 << 16  # bytes of response body held before reading pauses
@@ -315,10 +317,10 @@ class _Body(httpx.AsyncByteStream):
             release(self._connection)
 
 
-class Http1Endpoint(httpx.AsyncBaseTransport):
-    """HTTP/1.1 to one address (``address``, ``port``, or a Unix socket ``uds``), every
-    request keeping its own URL and Host header; ``tls`` (the mesh transport's) secures and
-    checks each new connection."""
+class Endpoint(httpx.AsyncBaseTransport):
+    """One endpoint (``address``, ``port``, or a Unix socket ``uds``) and how a connection to
+    it is made: what the lean HTTP/1.1 and HTTP/2 pools share. ``tls`` (the mesh transport's)
+    secures and checks each new connection."""
 
     def __init__(
         self,
@@ -334,14 +336,67 @@ class Http1Endpoint(httpx.AsyncBaseTransport):
         self._uds = uds
         self._tls = tls
         self._expiry = keepalive_expiry
+        self._where = f"unix:{uds}" if uds is not None else f"{address}:{port}"
+
+    async def _dial(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        request: httpx.Request,
+        timeout: float | None,
+    ) -> tuple[Any, Any]:
+        """A new connection, secured and its server checked when ``tls`` says so; failures
+        are httpx's errors, which the mesh decides retries and outlier detection on. The
+        transport and the protocol ``factory`` made."""
+        loop = asyncio.get_running_loop()
+        address, port, uds, tls = self._address, self._port, self._uds, self._tls
+        context = server_name = None
+        if tls is not None:
+            if uds is not None:
+                raise httpx.ConnectError(
+                    f"TLS error: the cluster asks for TLS to unix:{uds}, which libmesh "
+                    "does not secure (refused rather than sent in plaintext)",
+                    request=request,
+                )
+            context = tls.context()
+            server_name = _server_name(tls, request.url.host)
+        try:
+            if uds is not None:
+                connecting = loop.create_unix_connection(factory, uds)
+            else:
+                connecting = loop.create_connection(
+                    factory,
+                    address,
+                    port,
+                    ssl=context,
+                    server_hostname=server_name if context is not None else None,
+                )
+            transport, protocol = await asyncio.wait_for(connecting, timeout)
+        except TimeoutError as exc:
+            message = f"connecting to {self._where} timed out"
+            raise httpx.ConnectTimeout(message, request=request) from exc
+        except ssl.SSLError as exc:
+            raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        if tls is not None:
+            try:
+                tls.check(transport.get_extra_info("ssl_object"))
+            except ssl.SSLError as exc:
+                transport.close()
+                raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
+        return transport, protocol
+
+
+class Http1Endpoint(Endpoint):
+    """HTTP/1.1 to one endpoint, every request keeping its own URL and Host header."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._idle: list[_Connection] = []
 
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
-        where = (self._address, self._port, self._uds)
-        _, connection = await connect_endpoint(
-            lambda: _Connection(loop), where, self._tls, request, timeout
-        )
+        _, connection = await self._dial(lambda: _Connection(loop), request, timeout)
         return connection  # type: ignore[no-any-return]
 
     def _take_idle(self) -> _Connection | None:
@@ -414,57 +469,6 @@ class Http1Endpoint(httpx.AsyncBaseTransport):
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
-
-
-async def connect_endpoint(
-    factory: Callable[[], asyncio.Protocol],
-    where: tuple[str, int, str | None],
-    tls: Any,
-    request: httpx.Request,
-    timeout: float | None,
-) -> tuple[Any, Any]:
-    """A new connection to one endpoint (``where``: address, port, or a Unix socket), secured
-    and its server checked when ``tls`` (the mesh transport's) says so; failures are httpx's
-    errors, which the mesh decides retries and outlier detection on. The transport and the
-    protocol ``factory`` made."""
-    loop = asyncio.get_running_loop()
-    address, port, uds = where
-    context = server_name = None
-    if tls is not None:
-        if uds is not None:
-            raise httpx.ConnectError(
-                f"TLS error: the cluster asks for TLS to unix:{uds}, which libmesh "
-                "does not secure (refused rather than sent in plaintext)",
-                request=request,
-            )
-        context = tls.context()
-        server_name = tls.sni or (request.url.host if tls.name_from_host else None)
-    try:
-        if uds is not None:
-            connecting = loop.create_unix_connection(factory, uds)
-        else:
-            connecting = loop.create_connection(
-                factory,
-                address,
-                port,
-                ssl=context,
-                server_hostname=server_name if context is not None else None,
-            )
-        transport, protocol = await asyncio.wait_for(connecting, timeout)
-    except TimeoutError as exc:
-        named = f"unix:{uds}" if uds is not None else f"{address}:{port}"
-        raise httpx.ConnectTimeout(f"connecting to {named} timed out", request=request) from exc
-    except ssl.SSLError as exc:
-        raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
-    except OSError as exc:
-        raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-    if tls is not None:
-        try:
-            tls.check(transport.get_extra_info("ssl_object"))
-        except ssl.SSLError as exc:
-            transport.close()
-            raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
-    return transport, protocol
 
 
 def _head(request: httpx.Request) -> bytes:

@@ -32,7 +32,7 @@ import h2.exceptions
 import h2.settings
 import httpx
 
-from ._http1 import connect_endpoint
+from ._http1 import Endpoint, _expire
 
 __all__ = ["Http2Endpoint"]
 
@@ -380,11 +380,6 @@ def _sent(stream: _Stream, sender: asyncio.Task[None]) -> None:
         stream.fail(error)
 
 
-def _expire(future: asyncio.Future[Any], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
 class _Body(httpx.AsyncByteStream):
     def __init__(self, connection: _Connection, stream: _Stream, timeout: float | None) -> None:
         self._connection = connection
@@ -399,27 +394,13 @@ class _Body(httpx.AsyncByteStream):
         self._connection.forget(self._stream)  # (a reset, if the answer was not read out)
 
 
-class Http2Endpoint(httpx.AsyncBaseTransport):
-    """HTTP/2 to one address (``address``, ``port``, or a Unix socket ``uds``), every
-    request keeping its own URL and Host header (as ``:authority``); ``tls`` (the mesh
-    transport's) secures and checks each new connection, whose ALPN must offer ``h2``."""
+class Http2Endpoint(Endpoint):
+    """HTTP/2 to one endpoint, every request keeping its own URL and Host header (as
+    ``:authority``); with ``tls``, a connection's ALPN must offer ``h2``."""
 
-    def __init__(
-        self,
-        address: str,
-        port: int,
-        *,
-        uds: str | None = None,
-        tls: Any = None,
-        keepalive_expiry: float = 5.0,
-    ) -> None:
-        self._address = address
-        self._port = port
-        self._uds = uds
-        self._tls = tls
-        self._expiry = keepalive_expiry
-        self._scheme = b"https" if tls is not None else b"http"
-        self._where = f"unix:{uds}" if uds is not None else f"{address}:{port}"
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._scheme = b"https" if self._tls is not None else b"http"
         self._connections: list[_Connection] = []
         # one connection opens at a time: requests arriving meanwhile wait to see its room
         self._connecting: asyncio.Future[BaseException | None] | None = None
@@ -522,10 +503,7 @@ class Http2Endpoint(httpx.AsyncBaseTransport):
 
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
-        where = (self._address, self._port, self._uds)
-        transport, connection = await connect_endpoint(
-            lambda: _Connection(loop), where, self._tls, request, timeout
-        )
+        transport, connection = await self._dial(lambda: _Connection(loop), request, timeout)
         try:
             if self._tls is not None:
                 chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()

@@ -244,8 +244,7 @@ class _Base:
 
     def _observe(self, call: Call, request: httpx.Request) -> ClientCall:
         headers = request.headers
-        content_type = _header(headers, b"content-type")
-        grpc = content_type is not None and content_type.startswith("application/grpc")
+        grpc = _is_grpc(request)
         return self._source.telemetry.client_call(
             service=call.service,
             method=request.method,
@@ -896,8 +895,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _endpoint(
-        self, cluster: ClusterState, host: Host, http2: bool = False
+        self, cluster: ClusterState, host: Host, request: httpx.Request
     ) -> httpx.AsyncBaseTransport:
+        http2 = self._http2(cluster, request)
         tls = cluster.tls.for_endpoint(host.tls_match)
         key = (cluster.name, host.key, tls, http2)
         transport = self._endpoints.get(key)
@@ -923,10 +923,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             self._endpoints[key] = transport
         return transport
 
-    def _http2(self, attempt: Attempt, request: httpx.Request) -> bool:
+    def _http2(self, cluster: ClusterState, request: httpx.Request) -> bool:
         """Whether the lean pool speaks HTTP/2 to the endpoint: the cluster says so (a gRPC or
         HTTP/2 port, ``h2UpgradePolicy``), or the request is gRPC, which exists only there."""
-        return self._lean and (attempt.cluster.settings.http2 or _is_grpc(request))
+        return self._lean and (cluster.settings.http2 or _is_grpc(request))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         engine = self._base._source.engine
@@ -979,7 +979,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def _try(
         self, call: Call, attempt: Attempt, request: httpx.Request, observed: ClientCall
     ) -> Any:
-        transport = self._endpoint(attempt.cluster, attempt.host, self._http2(attempt, request))
+        transport = self._endpoint(attempt.cluster, attempt.host, request)
         saved = self._base._prepare(request, attempt)
         _set_headers(request.headers, observed.attempt(attempt.host.key, attempt.cluster.name))
         try:
@@ -1036,7 +1036,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 call.abandon(loser)
 
     async def _send_one(self, attempt: Attempt, request: httpx.Request) -> httpx.Response | Failure:
-        transport = self._endpoint(attempt.cluster, attempt.host, self._http2(attempt, request))
+        transport = self._endpoint(attempt.cluster, attempt.host, request)
         self._base._prepare(request, attempt)
         try:
             return await transport.handle_async_request(request)
@@ -1068,7 +1068,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     def _send_mirrors(self, call: Call, request: httpx.Request) -> None:
         for cluster, host in call.mirrors():
             shadow = self._base._mirror_request(request)
-            endpoint = self._endpoint(cluster, host, self._lean and _is_grpc(shadow))
+            endpoint = self._endpoint(cluster, host, shadow)
             task = asyncio.ensure_future(self._mirror(endpoint, shadow))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

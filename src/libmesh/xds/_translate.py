@@ -465,6 +465,10 @@ class _Translator:
                 filters,
                 certificates=self.node.sds,
             )
+            if not listener.filter_chains:
+                # STRICT without certificates: nobody may be taken, and Envoy refuses a
+                # listener without filter chains; no listener (connections refused) says the same
+                continue
             self.resources[LISTENER][listener.name] = listener
             self.resources[CLUSTER][cluster.name] = cluster
 
