@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from libmesh.proxy import forwarded_headers, xfcc
-from libmesh.proxy._forward import service_url
+from libmesh.proxy._forward import forwarded_entries, service_url
+from libmesh.transport._httpx import wire_headers, wire_request
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,44 @@ def test_hop_by_hop_headers_and_those_connection_names_stay_behind() -> None:
     ]
     assert forwarded_headers(headers) == [(b"Host", b"a"), (b"x-keep", b"yes")]
     assert forwarded_headers(headers, drop=frozenset({b"x-keep"})) == [(b"Host", b"a")]
+
+
+def test_connection_close_is_told_and_te_trailers_kept_unless_connection_names_it() -> None:
+    def entries(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+        return [(name, name.lower(), value) for name, value in pairs]
+
+    kept, tokens = forwarded_entries(entries([(b"Connection", b"Close"), (b"TE", b"trailers")]))
+    assert tokens == {b"close"}
+    assert kept == [(b"TE", b"te", b"trailers")]  # gRPC's, kept end to end
+    kept, tokens = forwarded_entries(entries([(b"Connection", b"TE"), (b"TE", b"trailers")]))
+    assert (kept, tokens) == ([], {b"te"})
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "body"),
+    [
+        ("GET", [(b"Host", b"a:8080"), (b"Accept", b"*/*")], b""),
+        ("GET", [(b"Accept", b"*/*")], b""),  # no Host: the URL's
+        ("POST", [(b"Host", b"a:8080")], b""),  # an empty POST says Content-Length: 0
+        ("PUT", [(b"host", b"a:8080"), (b"content-type", b"text/plain")], b"some body"),
+        ("POST", [(b"Host", b"a:8080"), (b"Content-Length", b"4")], b"body"),
+        ("DELETE", [(b"Host", b"a:8080"), (b"X-Caf\xc3\xa9", b"\xff")], b"gone"),
+    ],
+)
+def test_a_request_off_the_wire_is_the_one_httpx_would_make(
+    method: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    url = httpx.URL("http://a:8080/items?x=1")
+    expected = httpx.Request(method, url, headers=headers, content=body)
+
+    request = wire_request(method, url, [(n, n.lower(), v) for n, v in headers], body)
+
+    assert sorted(request.headers.multi_items()) == sorted(expected.headers.multi_items())
+    assert sorted(request.headers.raw) == sorted(expected.headers.raw)
+    assert (request.method, request.url, request.content) == (method, url, body)
+    assert b"".join(request.stream) == body  # type: ignore[arg-type]
+    made = wire_headers(headers)
+    assert (made.raw, made.multi_items()) == (headers, httpx.Headers(headers).multi_items())
 
 
 def test_xfcc_is_envoys_by_hash_uri() -> None:

@@ -35,7 +35,7 @@ from ..middleware._asgi import ASGIApp, Receive, Scope, Send, _principal
 from ..telemetry._peer import GRPC_PEER_METADATA, PEER_METADATA
 from ..transport._http1 import Http1Endpoint, Tunnel
 from ..transport._http2 import Http2Endpoint
-from ..transport._httpx import _is_grpc
+from ..transport._httpx import _is_grpc, wire_request
 
 if TYPE_CHECKING:
     from ._server import Incoming
@@ -46,7 +46,9 @@ __all__ = [
     "Drain",
     "Inbound",
     "Outbound",
+    "forwarded_entries",
     "forwarded_headers",
+    "header_entries",
     "outbound_app",
     "service_url",
     "xfcc",
@@ -90,28 +92,51 @@ class Drain:
         return _CLOSE if self.active else []
 
 
+Entry = tuple[bytes, bytes, bytes]  # a header: its name, the name in lower case, its value
+
+
 def forwarded_headers(
     raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()
 ) -> list[tuple[bytes, bytes]]:
     """``raw`` without the hop-by-hop headers (and those the Connection header names), nor
     ``drop``."""
+    kept, _ = forwarded_entries([(name, name.lower(), value) for name, value in raw], drop)
+    return [(name, value) for name, _, value in kept]
+
+
+def forwarded_entries(
+    entries: Iterable[Entry], drop: frozenset[bytes] = frozenset()
+) -> tuple[list[Entry], frozenset[bytes]]:
+    """:func:`forwarded_headers` for headers whose names are already in lower case too (as
+    ``httpx.Headers`` keeps them), in one pass; and the tokens of the Connection header
+    (``close``, say)."""
     named = _DROPPED.get(drop)
     if named is None:
         named = _DROPPED[drop] = _HOP_BY_HOP | drop
     kept = []
-    extra: set[bytes] = set()
-    for name, value in raw:
-        lowered = name.lower()
+    tokens: frozenset[bytes] = frozenset()
+    for entry in entries:
+        lowered = entry[1]
         if lowered == b"connection":
-            extra.update(t.strip().lower() for t in value.split(b",") if t.strip())
-        elif lowered not in named or (lowered == b"te" and value.lower() == b"trailers"):
-            kept.append((name, value))  # (gRPC needs "te: trailers" end to end, as Envoy keeps it)
-    if extra:  # rare: a Connection header naming more than itself
-        kept = [(name, value) for name, value in kept if name.lower() not in extra]
-    return kept
+            tokens |= {t.strip().lower() for t in entry[2].split(b",")} - {b""}
+        elif lowered not in named or (lowered == b"te" and entry[2].lower() == b"trailers"):
+            kept.append(entry)  # (gRPC needs "te: trailers" end to end, as Envoy keeps it)
+    if tokens - _USUAL_TOKENS:  # rare: a Connection header naming headers kept so far
+        kept = [entry for entry in kept if entry[1] not in tokens]
+    return kept, tokens
+
+
+def header_entries(headers: httpx.Headers) -> list[Entry]:
+    """The entries of ``headers``: httpx keeps them so (its ``raw`` makes a list of pairs)."""
+    entries: list[Entry] | None = getattr(headers, "_list", None)
+    if entries is None:  # pragma: no cover - another httpx layout
+        return [(name, name.lower(), value) for name, value in headers.raw]
+    return entries
 
 
 _DROPPED: dict[frozenset[bytes], frozenset[bytes]] = {}
+# what Connection usually says: "close", or headers that are dropped anyway
+_USUAL_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
 def xfcc(own: str, peer: str, certificate_der: bytes | None) -> bytes:
@@ -261,21 +286,31 @@ class Outbound:
                 port = b":%d" % parsed.port if parsed.port else b""
                 authority = (parsed.host + port).decode("latin-1")
             target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        headers = forwarded_headers(incoming.headers)
+        headers, _ = forwarded_entries([(k, k.lower(), v) for k, v in incoming.headers])
         if incoming.upgrade and incoming.upgrade.lower() != b"h2c":  # (h2c: answered in 1.1)
-            headers += [(b"connection", b"upgrade"), (b"upgrade", incoming.upgrade)]
+            headers += [
+                (b"connection", b"connection", b"upgrade"),
+                (b"upgrade", b"upgrade", incoming.upgrade),
+            ]
         if authority is None:
-            authority = next((v.decode("latin-1") for k, v in headers if k.lower() == b"host"), "")
+            authority = next((v.decode("latin-1") for _, k, v in headers if k == b"host"), "")
             if not authority:
                 return _local(400, "no Host header: which service is this request for?")
         elif self.target is not None:
-            headers = [(k, v) for k, v in headers if k.lower() != b"host"]
-            headers.append((b"host", authority.encode("latin-1")))
+            headers = [entry for entry in headers if entry[1] != b"host"]
+            headers.append((b"host", b"host", authority.encode("latin-1")))
         try:
             url = service_url(authority, target)
         except httpx.InvalidURL as exc:
             return _local(400, f"cannot forward to {authority!r}: {exc}")
-        request = httpx.Request(incoming.method, url, headers=headers, content=incoming.body)
+        body = incoming.body
+        request = (
+            wire_request(incoming.method, url, headers, body)
+            if isinstance(body, bytes)
+            else httpx.Request(
+                incoming.method, url, headers=[(k, v) for k, _, v in headers], content=body
+            )
+        )
         try:
             return await self.transport.handle_async_request(request)
         except UpstreamError as exc:

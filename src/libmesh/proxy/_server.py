@@ -25,7 +25,7 @@ from ..middleware._asgi import ASGIApp
 from ..middleware._grpc_port import Relay
 from ..middleware._http2 import PREFACE, Http2Protocol
 from ..transport._http1 import Tunnel
-from ._forward import RETRY_BUFFER, Drain, forwarded_headers, outbound_app
+from ._forward import RETRY_BUFFER, Drain, forwarded_entries, header_entries, outbound_app
 
 __all__ = ["Http1Server", "Incoming"]
 
@@ -290,12 +290,12 @@ class _Connection(asyncio.Protocol):
             return self._open_tunnel(request)
         response = await self.handler(request)
         server = self.server
-        raw = response.headers.raw
+        headers, tokens = forwarded_entries(header_entries(response.headers), server.drop)
         keep = (
             request.version == "1.1"
             and not server.drain.active
             and not _says_close(request.headers)
-            and not _says_close(raw)
+            and b"close" not in tokens
         )
         status = response.status_code
         if request.upgrade:
@@ -306,9 +306,9 @@ class _Connection(asyncio.Protocol):
             keep = False  # the caller's bytes after its request were meant for another protocol
         lines = [b"HTTP/1.1 %d %b\r\n" % (status, _reason(status))]
         length = False
-        for name, value in forwarded_headers(raw, drop=server.drop):  # one pass, no lookups
+        for name, lowered, value in headers:
             lines.append(b"%b: %b\r\n" % (name, value))
-            length = length or name.lower() == b"content-length"
+            length = length or lowered == b"content-length"
         bodiless = request.method == "HEAD" or status in _NO_BODY or status < 200
         chunked = not bodiless and not length and request.version == "1.1"
         if not bodiless and not length and not chunked:

@@ -344,6 +344,11 @@ class ClientCall:
         )
         return pairs
 
+    @property
+    def traced(self) -> bool:
+        """Whether the attempt under way has a span (:meth:`attempt_done` ends it)."""
+        return self._attempt_span is not None
+
     def attempt_done(self, status: int = 0, grpc_status: str = "", error: str = "") -> None:
         span, self._attempt_span = self._attempt_span, None
         if span is None:
@@ -605,6 +610,12 @@ _EXCHANGED = (PEER_METADATA.encode(), GRPC_PEER_METADATA.encode())
 def _exchanged(headers: Mapping[str, str]) -> str | None:
     """The peer's metadata-exchange header: one pass over httpx's raw headers (its ``get``
     normalizes the name and decodes every value), else a mapping lookup."""
+    entries = getattr(headers, "_list", None)  # httpx's: (name, lower-case name, value)
+    if entries is not None:
+        for _, name, value in entries:
+            if name in _EXCHANGED:
+                return str(value.decode("latin-1"))
+        return None
     raw = getattr(headers, "raw", None)
     if raw is None:
         return headers.get(PEER_METADATA) or headers.get(GRPC_PEER_METADATA)

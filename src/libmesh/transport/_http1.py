@@ -24,7 +24,7 @@ from typing import Any
 import httptools
 import httpx
 
-from ._httpx import _server_name
+from ._httpx import _server_name, wire_headers
 
 __all__ = ["Endpoint", "Http1Endpoint", "Tunnel"]
 
@@ -212,17 +212,18 @@ class _Connection(asyncio.Protocol):
     def response_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         return self._status, self._headers
 
-    async def body(self, timeout: float | None) -> AsyncIterator[bytes]:
+    async def next_chunk(self, timeout: float | None) -> bytes | None:
+        """The answer's next piece of body, ``None`` at its end."""
         while True:
-            while self._chunks:
+            if self._chunks:
                 chunk = self._chunks.popleft()
                 self._buffered -= len(chunk)
                 if self._paused and self._buffered <= _HIGH_WATER // 4 and self.transport:
                     self.transport.resume_reading()
                     self._paused = False
-                yield chunk
+                return chunk
             if self.complete:
-                return
+                return None
             if self.error is not None:
                 raise self.error
             self._wake = self.loop.create_future()
@@ -296,6 +297,9 @@ def _expire(future: asyncio.Future[Any], error: Exception) -> None:
 
 
 class _Body(httpx.AsyncByteStream):
+    """The answer's body as it arrives. Its own iterator (no async generator: asyncio tracks
+    each one it starts, a cost on every request)."""
+
     def __init__(
         self, connection: _Connection, timeout: float | None, release: Callable[[_Connection], None]
     ) -> None:
@@ -303,13 +307,18 @@ class _Body(httpx.AsyncByteStream):
         self._timeout = timeout
         self._release: Callable[[_Connection], None] | None = release
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            async for chunk in self._connection.body(self._timeout):
-                yield chunk
+            chunk = await self._connection.next_chunk(self._timeout)
         except httpx.TransportError:
             self._connection.close()
             raise
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
     async def aclose(self) -> None:
         release, self._release = self._release, None
@@ -460,7 +469,7 @@ class Http1Endpoint(Endpoint):
             connection.complete, connection.keep_alive = True, False
         return httpx.Response(
             status,
-            headers=headers,
+            headers=wire_headers(headers),
             stream=_Body(connection, timeouts.get("read"), self._release),
             extensions={"http_version": b"HTTP/1.1"},
         )
