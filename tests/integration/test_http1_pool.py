@@ -201,6 +201,45 @@ async def test_the_errors_are_httpxs() -> None:
         await Http1Endpoint("127.0.0.1", port).handle_async_request(request("GET", 1))
 
 
+@on_a_loop
+async def test_each_request_keeps_its_own_read_timeout_on_a_reused_connection() -> None:
+    """The read timeout's timer is one per connection, armed lazily: a request waiting on a
+    connection whose timer was set by an earlier request, for a later or an earlier deadline,
+    still times out at its own deadline, neither before nor long after."""
+    answers = iter([ok(b"first"), b""])  # b"": the server says nothing
+    async with RawServer(lambda _: next(answers)) as server:
+        pool = Http1Endpoint("127.0.0.1", server.port)
+        loop = asyncio.get_running_loop()
+
+        async def send(read_timeout: float) -> tuple[httpx.Response | None, float]:
+            sent = request("GET", server.port)
+            sent.extensions["timeout"] = {"connect": 2, "read": read_timeout}
+            started = loop.time()
+            try:
+                return await pool.handle_async_request(sent), loop.time() - started
+            except httpx.ReadTimeout:
+                return None, loop.time() - started
+
+        answered, _ = await send(30)  # arms the connection's timer for 30 s from now
+        assert answered is not None
+        assert await read(answered) == b"first"
+        stalled, waited = await send(0.3)  # an earlier deadline than the timer's
+        assert stalled is None
+        assert 0.25 < waited < 2
+
+    answers = iter([ok(b"first"), b""])
+    async with RawServer(lambda _: next(answers)) as server:
+        pool = Http1Endpoint("127.0.0.1", server.port)
+        answered, _ = await send(0.4)  # the timer: 0.4 s from now
+        assert answered is not None
+        assert await read(answered) == b"first"
+        await asyncio.sleep(0.2)
+        stalled, waited = await send(0.6)  # the timer fires first, 0.4 s early: it waits on
+        assert stalled is None
+        assert 0.55 < waited < 2
+        assert server.connections == 1
+
+
 class socket_bound:
     """A port nothing accepts on."""
 

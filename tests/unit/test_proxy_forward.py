@@ -95,7 +95,8 @@ def test_a_request_off_the_wire_is_the_one_httpx_would_make(
     assert sorted(request.headers.raw) == sorted(expected.headers.raw)
     assert (request.method, request.url, request.content) == (method, url, body)
     assert b"".join(request.stream) == body  # type: ignore[arg-type]
-    made = wire_headers(headers)
+    made = httpx.Headers()
+    wire_headers(made, headers)
     assert (made.raw, made.multi_items()) == (headers, httpx.Headers(headers).multi_items())
 
 

@@ -78,7 +78,11 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._held = False  # reading paused for too many pipelined requests
+        # The keep-alive timer is one per connection, armed lazily: activity only moves
+        # ``_active`` and the timer, when it fires early, waits the rest (a timer made and
+        # cancelled on every request costs more than the rest of its bookkeeping).
         self._idle: asyncio.TimerHandle | None = None
+        self._active = 0.0
         self._fresh = True  # nothing read yet: HTTP/2's preface is looked for
         self._seen = b""
         self._early = b""  # what a caller sent after its Upgrade request, before the answer
@@ -93,16 +97,13 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
+        self._stop_idle()
         self._wake_body()
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)  # the worker sees the connection is gone
 
     def data_received(self, data: bytes) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._active = self.loop.time()
         if self._fresh:
             self._seen += data
             if len(self._seen) < len(PREFACE) and PREFACE.startswith(self._seen):
@@ -128,6 +129,7 @@ class _Connection(asyncio.Protocol):
         with the same handler behind it."""
         server = self.server
         server.connections.discard(self)
+        self._stop_idle()
         app = outbound_app(self.handler) if self.authority else server.http2_app()
         protocol = Http2Protocol(app, on_close=server.connections.discard)
         server.connections.add(protocol)
@@ -361,8 +363,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(400, f"CONNECT needs host:port, not {authority!r}")
             return None
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        if self._idle is not None:
-            self._idle.cancel()
+        self._stop_idle()
         inner = _Connection(self.server, self.server.for_target(authority), authority)
         self.server.connections.discard(self)
         self.transport.set_protocol(inner)
@@ -425,11 +426,27 @@ class _Connection(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         if not self.closed and not self.busy:
-            self._idle = self.loop.call_later(self.server.keep_alive, self._idle_close)
+            self._active = self.loop.time()
+            if self._idle is None:
+                self._idle = self.loop.call_at(
+                    self._active + self.server.keep_alive, self._idle_close
+                )
+
+    def _stop_idle(self) -> None:
+        """The connection is another protocol's now: its keep-alive is no longer ours."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def _idle_close(self) -> None:
-        if not self.busy and self.current is None:
+        self._idle = None
+        if self.closed or self.busy or self.current is not None:
+            return  # a request under way: armed again when the connection is idle
+        quiet_until = self._active + self.server.keep_alive
+        if self.loop.time() >= quiet_until:
             self.transport.close()
+        else:
+            self._idle = self.loop.call_at(quiet_until, self._idle_close)
 
     def close_if_idle(self) -> None:
         if not self.busy and self.current is None and not self.closed:

@@ -55,6 +55,10 @@ class _Connection(asyncio.Protocol):
         self._until_close = False
         self.error: Exception | None = None
         self.tunnel: Tunnel | None = None  # after a 101 answer: the bytes are the caller's
+        self._waiting: tuple[asyncio.Future[Any], str] | None = None  # (what, why) for _wait
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # asyncio ----------------------------------------------------------------------------------
 
@@ -78,6 +82,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.tunnel is not None:
             self.tunnel._lost()
         if self._status and not self.complete and self._until_close and exc is None:
@@ -158,16 +165,35 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def _wait(self, future: asyncio.Future[Any], timeout: float | None, what: str) -> None:
-        timer = (
-            self.loop.call_later(timeout, _expire, future, httpx.ReadTimeout(what))
-            if timeout is not None
-            else None
-        )
+        """Wait for ``future``, failing it with ``ReadTimeout(what)`` after ``timeout``.
+
+        One timer per connection, armed lazily: a wait only sets the deadline, and the timer,
+        when it fires before the deadline, waits the rest (a timer made and cancelled on every
+        request costs more than the rest of the wait's bookkeeping)."""
+        if timeout is None:
+            await future
+            return
+        deadline = self.loop.time() + timeout
+        self._waiting, self._deadline = (future, what), deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = self.loop.call_at(deadline, self._expired), deadline
         try:
             await future
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._waiting = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._waiting is None:
+            return  # nothing waits: the timer lapses, the next wait arms it again
+        if self.loop.time() >= self._deadline:
+            future, what = self._waiting
+            _expire(future, httpx.ReadTimeout(what))
+        else:
+            self._timer = self.loop.call_at(self._deadline, self._expired)
+            self._timer_at = self._deadline
 
     async def send(self, request: httpx.Request, head: bytes, timeouts: dict[str, Any]) -> None:
         """Write the request (streaming its body) and wait for the answer's head."""
@@ -467,12 +493,13 @@ class Http1Endpoint(Endpoint):
             )
         if request.method == "HEAD":  # no body follows, whatever the headers say
             connection.complete, connection.keep_alive = True, False
-        return httpx.Response(
+        response = httpx.Response(
             status,
-            headers=wire_headers(headers),
             stream=_Body(connection, timeouts.get("read"), self._release),
             extensions={"http_version": b"HTTP/1.1"},
         )
+        wire_headers(response.headers, headers)
+        return response
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

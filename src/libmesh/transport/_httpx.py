@@ -158,19 +158,18 @@ def _header(headers: httpx.Headers, name: bytes) -> str | None:
     return None
 
 
-def wire_headers(pairs: Iterable[tuple[bytes, bytes]]) -> httpx.Headers:
-    """``httpx.Headers`` holding ``pairs`` (byte names and values, as parsed off the wire)
-    exactly as ``httpx.Headers(pairs)`` would, without its per-entry type checks: a proxy
-    makes two of these per request."""
-    return _headers_of([(name, name.lower(), value) for name, value in pairs])
+def wire_headers(headers: httpx.Headers, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+    """Fill the empty ``headers`` with ``pairs`` (byte names and values, as parsed off the
+    wire) exactly as ``httpx.Headers(pairs)`` would, without its per-entry type checks: a
+    proxy makes two of these per request."""
+    _fill(headers, [(name, name.lower(), value) for name, value in pairs])
 
 
-def _headers_of(entries: list[tuple[bytes, bytes, bytes]]) -> httpx.Headers:
-    headers = httpx.Headers()
-    if not hasattr(headers, "_list"):  # pragma: no cover - another httpx layout
-        return httpx.Headers([(name, value) for name, _, value in entries])
-    headers._list = entries
-    return headers
+def _fill(headers: httpx.Headers, entries: list[tuple[bytes, bytes, bytes]]) -> None:
+    if hasattr(headers, "_list"):
+        headers._list = entries
+    else:  # pragma: no cover - another httpx layout
+        headers.update(httpx.Headers([(name, value) for name, _, value in entries]))
 
 
 def wire_request(
@@ -192,8 +191,8 @@ def wire_request(
         entries = [(b"Content-Length", b"content-length", length), *entries]
     if not has_host:
         entries = [(b"Host", b"host", url.netloc), *entries]
-    stream = httpx.ByteStream(body)
-    request = httpx.Request(method, url, headers=_headers_of(entries), stream=stream)
+    request = httpx.Request(method, url, stream=httpx.ByteStream(body))
+    _fill(request.headers, entries)
     request._content = body  # what read() keeps: the body is whole, a retry can send it again
     return request
 
