@@ -166,9 +166,10 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     started: list[ProxyProcess] = []
 
-    def start(*args: str) -> ProxyProcess:
+    def start(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
         # saved configuration goes to the test's directory, not ~/.cache
-        proxy = ProxyProcess.start(*args, env={"LIBMESH_STATE_DIR": str(tmp_path / "state")})
+        environment = {"LIBMESH_STATE_DIR": str(tmp_path / "state"), **(env or {})}
+        proxy = ProxyProcess.start(*args, env=environment)
         started.append(proxy)
         return proxy
 

@@ -264,6 +264,26 @@ def test_the_admin_port_shows_readiness_metrics_and_the_configuration(
     assert dump["control_plane"] is None
 
 
+def test_without_label_arguments_the_workload_labels_come_from_the_environment(
+    start_backends: StartBackends, mesh_dir: MeshDir, start_proxy: StartProxy
+) -> None:
+    backends = start_backends(1)
+    path = mesh_dir(service("reviews", "shop", backends.ports))
+    proxy = start_proxy(
+        "--config-dir", str(path), "--namespace", "shop", "--outbound", "0", "--admin", "0",
+        env={"LIBMESH_LABELS": "app=ratings,version=v7"},
+    )  # fmt: skip
+    assert curl("-x", proxy.url("outbound"), f"{REVIEWS}/x").returncode == 0
+
+    metrics = httpx.get(proxy.url("admin", "/metrics")).text
+
+    assert re.search(
+        r'istio_requests_total\{reporter="source",.*source_app="ratings",'
+        r'.*source_version="v7",.*response_code="200".*\} 1',
+        metrics,
+    ), metrics
+
+
 # -- draining --------------------------------------------------------------------------------------
 
 

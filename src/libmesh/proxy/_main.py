@@ -39,6 +39,7 @@ from .._exceptions import ConfigError, ConfigTimeout
 from .._mesh import DEFAULT_XDS_ADDRESS as DEFAULT_XDS
 from .._mesh import Mesh, _trust_domain, node_from_environment
 from ..middleware import MeshMiddleware
+from ..xds import Node
 from ._admin import admin_app
 from ._forward import EXCHANGE_HEADERS, Drain, Inbound, Outbound
 from ._server import Http1Server
@@ -264,8 +265,10 @@ def _bind(listener: Listener) -> None:
     listener.port = sock.getsockname()[1]
 
 
-def _labels(pairs: Sequence[str]) -> dict[str, str]:
-    return dict(_pair(text, "--label") for text in pairs)
+def _labels(pairs: Sequence[str]) -> dict[str, str] | None:
+    """The workload's labels from ``--label``; without any, ``None``: the environment's
+    (``LIBMESH_LABELS``), as for an application."""
+    return dict(_pair(text, "--label") for text in pairs) if pairs else None
 
 
 def _registration(pairs: Sequence[str], listeners: list[Listener]) -> dict[str, int]:
@@ -530,17 +533,16 @@ def _tunnel_handler(transport: Any) -> Callable[[str], Outbound]:
 
 
 def _envoy_metadata(
-    args: argparse.Namespace, listeners: list[Listener], identity: bool
+    args: argparse.Namespace, listeners: list[Listener], node: Node, identity: bool
 ) -> dict[str, Any]:
     """The node metadata meshd builds this Envoy's listeners from (xds/_node.py)."""
     outbound = next((x for x in listeners if x.kind == "outbound"), None)
     inbound = [x for x in listeners if x.kind == "inbound"]
     routes = [x for x in listeners if x.kind == "route"]
     metadata: dict[str, Any] = {
-        "NAMESPACE": args.namespace or os.environ.get("LIBMESH_NAMESPACE", "default"),
-        "LABELS": _labels(args.label),
-        "SERVICE_ACCOUNT": args.service_account
-        or os.environ.get("LIBMESH_SERVICE_ACCOUNT", "default"),
+        "NAMESPACE": node.namespace,
+        "LABELS": dict(node.labels),
+        "SERVICE_ACCOUNT": node.service_account,
         "LIBMESH_HTTP_PROXY_ADDRESS": outbound.address if outbound else "off",
         "LIBMESH_INBOUND": ",".join(f"{x.address}={x.target}" for x in inbound),
         "LIBMESH_ROUTES": ",".join(f"{x.address}={x.target}" for x in routes),
@@ -596,7 +598,7 @@ def _run_envoy(args: argparse.Namespace, listeners: list[Listener]) -> int:
             server = SdsServer(identity, f"unix:{directory / 'sds.sock'}").start()
         config = bootstrap(
             node_id=node.id,
-            metadata=_envoy_metadata(args, listeners, identity is not None),
+            metadata=_envoy_metadata(args, listeners, node, identity is not None),
             xds=(xds_host, xds_port),
             admin=(admin.host, admin.port) if admin else ("127.0.0.1", 0),
             sds_socket=str(directory / "sds.sock") if server is not None else None,
