@@ -16,6 +16,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import pytest
 
 import libmesh
 from tests.conftest import unused_port
@@ -331,3 +332,42 @@ def test_one_grpc_port_takes_mtls_and_plaintext_as_peer_authentication_says(
     assert plaintext == b"plaintext"  # PERMISSIVE: the same port, without TLS
     assert refused is grpc.StatusCode.UNAVAILABLE  # STRICT: the connection is refused
     assert still_mutual == WEB.encode()
+
+
+def test_a_grpc_port_closes_callers_past_the_limit_of_silent_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections accepted but not yet speaking wait for their first byte; past a limit of
+    them, a new one is closed at once (callers that connect and say nothing cannot pile up),
+    and once they are gone grpc calls get through again."""
+    import socket
+
+    from libmesh.middleware import _grpc_port
+
+    monkeypatch.setattr(_grpc_port, "_MAX_UNDECIDED", 2)
+    (tmp_path / "mesh.yaml").write_text("")
+    with libmesh.Mesh.from_files(tmp_path, namespace="shop", watch=False) as echo:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handlers = {"Who": grpc.unary_unary_rpc_method_handler(lambda request, _: b"here")}
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Echo", handlers),)
+        )
+        served = libmesh.middleware.MeshGrpcPort(server, echo, "127.0.0.1:0")
+        server.start()
+        served.start()
+        silent = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # (both accepted, waiting for their first byte)
+            with socket.create_connection(("127.0.0.1", served.port), timeout=5) as third:
+                assert third.recv(1) == b""  # closed at once
+            for sock in silent:
+                sock.close()
+            time.sleep(0.2)
+            with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+                answer = channel.unary_unary("/test.Echo/Who")(b"", timeout=5)
+        finally:
+            for sock in silent:
+                sock.close()
+            served.close()
+            server.stop(None)
+    assert answer == b"here"

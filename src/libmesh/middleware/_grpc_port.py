@@ -23,15 +23,16 @@ from collections.abc import Callable
 from typing import Any
 
 from ..identity._tls import grpc_server_credentials
+from ._serve import _FIRST_BYTE_TIMEOUT, _HANDSHAKE, _MAX_UNDECIDED, _peek
 
 __all__ = ["MeshGrpcPort", "Relay", "caller_of"]
 
 logger = logging.getLogger("libmesh")
 
-_HANDSHAKE = 0x16
-_FIRST_BYTE_TIMEOUT = 10.0
 
-# the loopback port each passed-on connection comes from -> the caller's real address
+# the loopback port each passed-on connection comes from -> the caller's real address (each
+# such connection binds its own port first: an unbound connect may share a local port with a
+# connection to another destination, which would mix up two callers here)
 _CALLERS: dict[int, tuple[str, int]] = {}
 
 
@@ -150,6 +151,9 @@ class MeshGrpcPort:
                 logger.warning("libmesh: accepting a grpc connection failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            if len(pending) >= _MAX_UNDECIDED:
+                connection.close()  # too many connections that have not spoken yet
+                continue
             task = loop.create_task(self._admit(connection, (peer[0], peer[1])))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -165,8 +169,6 @@ class MeshGrpcPort:
     async def _pass_on(
         self, loop: asyncio.AbstractEventLoop, connection: socket.socket, peer: tuple[str, int]
     ) -> None:
-        from ._serve import _peek
-
         try:
             first = await asyncio.wait_for(_peek(loop, connection), _FIRST_BYTE_TIMEOUT)
         except (TimeoutError, OSError):
@@ -193,7 +195,9 @@ class MeshGrpcPort:
             connection.close()
             return
         try:
-            upstream, relay = await loop.create_connection(lambda: Relay(None), "127.0.0.1", target)
+            upstream, relay = await loop.create_connection(
+                lambda: Relay(None), "127.0.0.1", target, local_addr=("127.0.0.1", 0)
+            )
         except OSError as exc:
             logger.warning("libmesh: the grpc server's port %d did not answer: %s", target, exc)
             connection.close()
