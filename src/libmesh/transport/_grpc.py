@@ -29,7 +29,9 @@ How the engine's steps map onto a call:
   apart: a status the server sent arrives on a READY connection, while grpcio's own "failed to
   connect to all addresses" comes from a channel that has none. The text is only a fallback,
   for a channel whose state cannot be read: alone, it would take a server that relays another
-  service's connection error for a dead endpoint.
+  service's connection error for a dead endpoint — and a tie-breaker for a channel already in
+  TRANSIENT_FAILURE again after the call's own connection was cut ("Cancelling all calls",
+  "Socket closed", …: a reset).
 - ``Backoff``: sleep (instant under :func:`libmesh.set_testing`), then the next step.
 - ``LocalReply`` / ``Fail``: the mesh ends the call itself, with a :class:`MeshRpcError` whose
   code is the fault's gRPC status, or the HTTP status mapped as gRPC maps it (404 →
@@ -397,9 +399,17 @@ def _failure_of(
         return None
     if state is grpc.ChannelConnectivity.READY:
         return None
-    if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+    if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not any(
+        mark in (details or "") for mark in _CUT_OFF
+    ):
         return Failure.CONNECT_FAILURE
     return Failure.RESET
+
+
+# What grpc-core says of a call whose connection went away under it. By the time the state is
+# read, grpcio may already have tried to reconnect to the stopped server and failed (the channel
+# in TRANSIENT_FAILURE): these say the call itself had gone out, a reset, not a connect failure.
+_CUT_OFF = ("Cancelling all calls", "Socket closed", "Connection reset", "Broken pipe", "GOAWAY")
 
 
 def _attempt_timeout(call: Call, attempt: Attempt, deadline: float | None) -> float | None:

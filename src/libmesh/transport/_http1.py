@@ -24,7 +24,7 @@ from typing import Any
 import httptools
 import httpx
 
-from ._httpx import _server_name, wire_headers
+from ._httpx import _server_name, _tls_reason, wire_headers
 
 __all__ = ["Endpoint", "Http1Endpoint", "Tunnel"]
 
@@ -410,7 +410,7 @@ class Endpoint(httpx.AsyncBaseTransport):
             message = f"connecting to {self._where} timed out"
             raise httpx.ConnectTimeout(message, request=request) from exc
         except ssl.SSLError as exc:
-            raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
+            raise httpx.ConnectError(f"TLS error: {_tls_reason(exc)}", request=request) from exc
         except OSError as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
         if tls is not None:
@@ -418,7 +418,7 @@ class Endpoint(httpx.AsyncBaseTransport):
                 tls.check(transport.get_extra_info("ssl_object"))
             except ssl.SSLError as exc:
                 transport.close()
-                raise httpx.ConnectError(f"TLS error: {tls_reason(exc)}", request=request) from exc
+                raise httpx.ConnectError(f"TLS error: {_tls_reason(exc)}", request=request) from exc
         return transport, protocol
 
 
@@ -514,9 +514,3 @@ def _head(request: httpx.Request) -> bytes:
         lines.append(b"%b: %b\r\n" % (name, value))
     lines.append(b"\r\n")
     return b"".join(lines)
-
-
-def tls_reason(exc: ssl.SSLError) -> str:
-    if getattr(exc, "verify_message", None):
-        return f"{exc.reason}: {exc.verify_message}"  # type: ignore[attr-defined]
-    return str(exc.args[-1] if exc.args else exc)
