@@ -342,9 +342,9 @@ def test_a_grpc_port_closes_callers_past_the_limit_of_silent_connections(
     and once they are gone grpc calls get through again."""
     import socket
 
-    from libmesh.middleware import _grpc_port
+    from libmesh.middleware import _serve
 
-    monkeypatch.setattr(_grpc_port, "_MAX_UNDECIDED", 2)
+    monkeypatch.setattr(_serve, "_MAX_UNDECIDED", 2)  # (the accept loop MeshGrpcPort shares)
     (tmp_path / "mesh.yaml").write_text("")
     with libmesh.Mesh.from_files(tmp_path, namespace="shop", watch=False) as echo:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

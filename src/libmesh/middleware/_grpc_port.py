@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..identity._tls import grpc_server_credentials
-from ._serve import _FIRST_BYTE_TIMEOUT, _HANDSHAKE, _MAX_UNDECIDED, _peek
+from ._serve import _FIRST_BYTE_TIMEOUT, _HANDSHAKE, _peek, accept_connections
 
 __all__ = ["MeshGrpcPort", "Relay", "caller_of"]
 
@@ -113,7 +113,9 @@ class MeshGrpcPort:
             loop = self._loop = asyncio.new_event_loop()
             ready.set()
             try:
-                loop.run_until_complete(self._accept())
+                loop.run_until_complete(
+                    accept_connections(self.listener, self._admit, "a grpc connection")
+                )
             except asyncio.CancelledError:
                 pass
             finally:
@@ -140,23 +142,6 @@ class MeshGrpcPort:
         if self._thread is not None:
             self._thread.join(5)
         self.listener.close()
-
-    async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Task[None]] = set()
-        while True:
-            try:
-                connection, peer = await loop.sock_accept(self.listener)
-            except OSError as exc:
-                logger.warning("libmesh: accepting a grpc connection failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if len(pending) >= _MAX_UNDECIDED:
-                connection.close()  # too many connections that have not spoken yet
-                continue
-            task = loop.create_task(self._admit(connection, (peer[0], peer[1])))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
 
     async def _admit(self, connection: socket.socket, peer: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()

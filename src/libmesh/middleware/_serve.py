@@ -26,7 +26,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -121,9 +121,12 @@ def _mesh_server(config: Any, mesh: Any) -> Any:
             def create_protocol() -> asyncio.Protocol:
                 return _Chooser(http1, http2)
 
-            self.acceptor = asyncio.create_task(
-                _accept(self.listener, create_protocol, self.mesh, self.port)
-            )
+            mesh, port = self.mesh, self.port
+
+            async def admit(connection: socket.socket, peer: tuple[str, int]) -> None:
+                await _admit(connection, peer, create_protocol, mesh, port)
+
+            self.acceptor = asyncio.create_task(accept_connections(self.listener, admit))
             logger.info(
                 "libmesh: serving on %s:%d (%s)",
                 config.host,
@@ -143,9 +146,14 @@ def _mesh_server(config: Any, mesh: Any) -> Any:
     return MeshServer()
 
 
-async def _accept(
-    listener: socket.socket, create_protocol: Callable[[], asyncio.Protocol], mesh: Any, port: int
+async def accept_connections(
+    listener: socket.socket,
+    admit: Callable[[socket.socket, tuple[str, int]], Coroutine[Any, Any, None]],
+    what: str = "a connection",
 ) -> None:
+    """Accept on ``listener`` until cancelled, each connection handed to ``admit`` (in a task
+    of its own) with the caller's address. At most ``_MAX_UNDECIDED`` admissions at a time:
+    past that, callers that connect and say nothing cannot pile up, a new one is closed."""
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
     try:
@@ -153,7 +161,7 @@ async def _accept(
             try:
                 connection, peer = await loop.sock_accept(listener)
             except OSError as exc:  # out of descriptors, a reset before accept: keep serving
-                logger.warning("libmesh: accepting a connection failed: %s", exc)
+                logger.warning("libmesh: accepting %s failed: %s", what, exc)
                 await asyncio.sleep(0.1)
                 continue
             if len(pending) >= _MAX_UNDECIDED:
@@ -162,7 +170,7 @@ async def _accept(
             # (asyncio sets this only on sockets it knows to be TCP; uvicorn's small writes
             # would otherwise wait on the peer's delayed ACK, 40 ms each)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(_admit(connection, peer, create_protocol, mesh, port))
+            task = loop.create_task(admit(connection, (peer[0], peer[1])))
             pending.add(task)
             task.add_done_callback(pending.discard)
     finally:
